@@ -1,0 +1,559 @@
+//! Configuration: the TOML file, its validation, and the validated [`Config`] the rest of
+//! the gateway reads.
+//!
+//! ```text
+//!   config.toml --toml/serde--> RawConfig --validate--> Config
+//!                (syntax, unknown keys, types)  (references, ranges, duplicates)
+//! ```
+//! A route's tunnel settings come from the route, else `[defaults]`, else the constants in
+//! [`defaults`]. Every error names `file:line:column` and the problem.
+
+pub mod defaults;
+mod raw;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use raw::{RawConfig, RawServer, RawSettings, RawUpstream};
+
+/// A configuration file that could not be used, with the place that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the configuration: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// The validated configuration. Cheap to share: handlers hold it behind an `Arc`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where it came from and the SHA-256 of the bytes, for logs and `/status`.
+    pub source: ConfigSource,
+    pub gateway: GatewayConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub upstreams: BTreeMap<String, Arc<UpstreamConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSource {
+    pub path: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub admin: Option<SocketAddr>,
+    pub workers: usize,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+}
+
+/// Everything a tunnel (and a proxied HTTP request) needs from its route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelSettings {
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub response_timeout: Duration,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    /// Zero means never.
+    pub idle_timeout: Duration,
+    pub max_frame_size: usize,
+    pub max_message_size: usize,
+    pub max_buffer: usize,
+}
+
+impl Default for TunnelSettings {
+    fn default() -> Self {
+        TunnelSettings {
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
+            response_timeout: defaults::RESPONSE_TIMEOUT,
+            ping_interval: defaults::PING_INTERVAL,
+            pong_timeout: defaults::PONG_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            max_frame_size: defaults::MAX_FRAME_SIZE as usize,
+            max_message_size: defaults::MAX_MESSAGE_SIZE as usize,
+            max_buffer: defaults::MAX_BUFFER as usize,
+        }
+    }
+}
+
+/// How a route matches the request's Host.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostMatch {
+    Any,
+    /// Lower-case host without port.
+    Exact(String),
+    /// `*.example.com`, stored as the lower-case suffix `.example.com`.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub host: HostMatch,
+    /// Path prefix; the longest matching prefix wins.
+    pub path: String,
+    /// Replaces the matched prefix before the request goes to the backend.
+    pub rewrite: Option<String>,
+    pub upstream: String,
+    /// Listener names this route serves; empty = every listener.
+    pub listeners: Vec<String>,
+    /// Host header sent to the backend; `None` passes the client's Host through.
+    pub host_header: Option<String>,
+    pub settings: TunnelSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub servers: Vec<ServerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerConfig {
+    /// The address exactly as configured (`host:port`); the consistent-hash ring hashes it.
+    pub addr: String,
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+impl fmt::Display for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+        path: path.display().to_string(),
+        reason: err.to_string(),
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Validates configuration text; `path` is used in error messages and `source`.
+pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+    let at = |span: Range<usize>, message: String| {
+        let (line, column) = line_column(text, span.start);
+        ConfigError::Invalid {
+            path: path.to_string(),
+            line,
+            column,
+            message,
+        }
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|err| {
+        let message = err.message().trim().to_string();
+        at(err.span().unwrap_or(0..0), message)
+    })?;
+    let sha256 = format!("{:x}", Sha256::digest(text.as_bytes()));
+    Validator { at: &at }.config(
+        raw,
+        ConfigSource {
+            path: path.to_string(),
+            sha256,
+        },
+    )
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+struct Validator<'a> {
+    at: &'a dyn Fn(Range<usize>, String) -> ConfigError,
+}
+
+impl Validator<'_> {
+    fn err<T>(&self, span: Range<usize>, message: impl Into<String>) -> Result<T, ConfigError> {
+        Err((self.at)(span, message.into()))
+    }
+
+    fn config(&self, raw: RawConfig, source: ConfigSource) -> Result<Config, ConfigError> {
+        let gateway = self.gateway(&raw)?;
+        let listeners = self.listeners(&raw)?;
+        let upstreams = raw
+            .upstream
+            .iter()
+            .map(|(name, upstream)| Ok((name.clone(), Arc::new(self.upstream(name, upstream)?))))
+            .collect::<Result<BTreeMap<_, _>, ConfigError>>()?;
+        let base = self.settings(&raw.defaults.settings(), &TunnelSettings::default())?;
+        let mut routes = Vec::with_capacity(raw.route.len());
+        let mut seen = HashSet::new();
+        for route in &raw.route {
+            let routed = self.route(route, &base, &upstreams, &listeners)?;
+            let key = (
+                routed.host.clone(),
+                routed.path.clone(),
+                routed.listeners.clone(),
+            );
+            if !seen.insert(key) {
+                let span = route.path.as_ref().unwrap_or(&route.upstream).span();
+                return self.err(
+                    span,
+                    format!(
+                        "duplicate route: another route already matches host {:?} and path {:?}",
+                        route.host.as_ref().map_or("*", |h| h.get_ref().as_str()),
+                        routed.path
+                    ),
+                );
+            }
+            routes.push(routed);
+        }
+        Ok(Config {
+            source,
+            gateway,
+            listeners,
+            routes,
+            upstreams,
+        })
+    }
+
+    fn gateway(&self, raw: &RawConfig) -> Result<GatewayConfig, ConfigError> {
+        let admin = match &raw.gateway.admin {
+            Some(addr) => Some(self.socket_addr(addr)?),
+            None => None,
+        };
+        let workers = match &raw.gateway.workers {
+            Some(w) if *w.get_ref() == 0 => {
+                return self.err(w.span(), "workers must be at least 1");
+            }
+            Some(w) => *w.get_ref(),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        Ok(GatewayConfig {
+            admin,
+            workers,
+            shutdown_timeout: raw
+                .gateway
+                .shutdown_timeout
+                .map_or(defaults::SHUTDOWN_TIMEOUT, |d| d.0),
+        })
+    }
+
+    fn listeners(&self, raw: &RawConfig) -> Result<Vec<ListenerConfig>, ConfigError> {
+        let mut out: Vec<ListenerConfig> = Vec::with_capacity(raw.listener.len());
+        for (index, listener) in raw.listener.iter().enumerate() {
+            let bind = self.socket_addr(&listener.bind)?;
+            let name = match &listener.name {
+                Some(name) if name.get_ref().is_empty() => {
+                    return self.err(name.span(), "listener name must not be empty");
+                }
+                Some(name) => name.get_ref().clone(),
+                None => format!("listener{index}"),
+            };
+            if let Some(other) = out.iter().find(|l| l.name == name) {
+                let span = listener
+                    .name
+                    .as_ref()
+                    .map_or(listener.bind.span(), |n| n.span());
+                return self.err(span, format!("duplicate listener name {:?}", other.name));
+            }
+            // Port 0 asks the OS for a free port, so two of them never collide.
+            if bind.port() != 0 && out.iter().any(|l| l.bind == bind) {
+                return self.err(
+                    listener.bind.span(),
+                    format!("duplicate bind: {bind} is already bound by another listener"),
+                );
+            }
+            out.push(ListenerConfig { name, bind });
+        }
+        Ok(out)
+    }
+
+    fn socket_addr(&self, text: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        match text.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => Ok(addr),
+            Err(_) => match text.get_ref().to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(addr)) => Ok(addr),
+                _ => self.err(
+                    text.span(),
+                    format!(
+                        "invalid address {:?}: expected ip:port such as \"0.0.0.0:8080\"",
+                        text.get_ref()
+                    ),
+                ),
+            },
+        }
+    }
+
+    fn settings(
+        &self,
+        raw: &RawSettings,
+        inherited: &TunnelSettings,
+    ) -> Result<TunnelSettings, ConfigError> {
+        let size = |value: &Option<Spanned<raw::HumanSize>>, fallback: usize| match value {
+            Some(s) if s.get_ref().0 == 0 => self.err(s.span(), "a size limit must be above zero"),
+            Some(s) => usize::try_from(s.get_ref().0)
+                .or_else(|_| self.err(s.span(), "size does not fit this machine")),
+            None => Ok(fallback),
+        };
+        let positive = |value: &Option<Spanned<raw::HumanDuration>>,
+                        fallback: Duration,
+                        problem: &str| match value {
+            Some(d) if d.get_ref().0.is_zero() => self.err(d.span(), problem),
+            Some(d) => Ok(d.get_ref().0),
+            None => Ok(fallback),
+        };
+        const HEARTBEAT: &str =
+            "must be above zero (heartbeats cannot be turned off: they find dead peers)";
+        Ok(TunnelSettings {
+            connect_timeout: positive(
+                &raw.connect_timeout,
+                inherited.connect_timeout,
+                "connect_timeout must be above zero",
+            )?,
+            handshake_timeout: positive(
+                &raw.handshake_timeout,
+                inherited.handshake_timeout,
+                "handshake_timeout must be above zero",
+            )?,
+            response_timeout: positive(
+                &raw.response_timeout,
+                inherited.response_timeout,
+                "response_timeout must be above zero",
+            )?,
+            ping_interval: positive(&raw.ping_interval, inherited.ping_interval, HEARTBEAT)?,
+            pong_timeout: positive(&raw.pong_timeout, inherited.pong_timeout, HEARTBEAT)?,
+            idle_timeout: raw.idle_timeout.map_or(inherited.idle_timeout, |d| d.0),
+            max_frame_size: size(&raw.max_frame_size, inherited.max_frame_size)?,
+            max_message_size: size(&raw.max_message_size, inherited.max_message_size)?,
+            max_buffer: size(&raw.max_buffer, inherited.max_buffer)?,
+        })
+    }
+
+    fn route(
+        &self,
+        route: &raw::RawRoute,
+        base: &TunnelSettings,
+        upstreams: &BTreeMap<String, Arc<UpstreamConfig>>,
+        listeners: &[ListenerConfig],
+    ) -> Result<RouteConfig, ConfigError> {
+        let upstream = route.upstream.get_ref();
+        if !upstreams.contains_key(upstream) {
+            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+            return self.err(
+                route.upstream.span(),
+                format!(
+                    "route names upstream {upstream:?}, which is not defined (defined: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+        let host = match &route.host {
+            None => HostMatch::Any,
+            Some(h) => {
+                let text = h.get_ref().trim().to_ascii_lowercase();
+                if text.is_empty() || text.contains(['/', ' ', ':']) {
+                    return self.err(
+                        h.span(),
+                        format!("invalid host {:?}: write a name such as \"chat.example.com\" or \"*.example.com\"", h.get_ref()),
+                    );
+                }
+                match text.strip_prefix('*') {
+                    Some(suffix) if suffix.starts_with('.') && suffix.len() > 1 => {
+                        HostMatch::Suffix(suffix.to_string())
+                    }
+                    Some(_) => {
+                        return self
+                            .err(h.span(), "a wildcard host must look like \"*.example.com\"");
+                    }
+                    None if text.contains('*') => {
+                        return self.err(
+                            h.span(),
+                            "'*' is only allowed as the first label: \"*.example.com\"",
+                        );
+                    }
+                    None => HostMatch::Exact(text),
+                }
+            }
+        };
+        let path = match &route.path {
+            None => "/".to_string(),
+            Some(p) if !p.get_ref().starts_with('/') => {
+                return self.err(
+                    p.span(),
+                    format!("path {:?} must start with '/'", p.get_ref()),
+                );
+            }
+            Some(p) => p.get_ref().clone(),
+        };
+        let rewrite = match &route.rewrite {
+            None => None,
+            Some(r) if !r.get_ref().starts_with('/') => {
+                return self.err(
+                    r.span(),
+                    format!("rewrite {:?} must start with '/'", r.get_ref()),
+                );
+            }
+            Some(r) => Some(r.get_ref().clone()),
+        };
+        let mut names = Vec::new();
+        for name in route.listeners.iter().flatten() {
+            if !listeners.iter().any(|l| &l.name == name.get_ref()) {
+                return self.err(
+                    name.span(),
+                    format!(
+                        "route names listener {:?}, which is not defined",
+                        name.get_ref()
+                    ),
+                );
+            }
+            names.push(name.get_ref().clone());
+        }
+        let host_header = match &route.host_header {
+            Some(h) if h.get_ref().is_empty() || h.get_ref().contains(char::is_whitespace) => {
+                return self.err(
+                    h.span(),
+                    "host_header must be a host name, optionally with :port",
+                );
+            }
+            Some(h) => Some(h.get_ref().clone()),
+            None => None,
+        };
+        Ok(RouteConfig {
+            host,
+            path,
+            rewrite,
+            upstream: upstream.clone(),
+            listeners: names,
+            host_header,
+            settings: self.settings(&route.settings(), base)?,
+        })
+    }
+
+    fn upstream(
+        &self,
+        name: &str,
+        upstream: &Spanned<RawUpstream>,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        let raw = upstream.get_ref();
+        let balance = match &raw.balance {
+            None => Balance::RoundRobin,
+            Some(b) => match b.get_ref().as_str() {
+                "round_robin" => Balance::RoundRobin,
+                "consistent_hash" => Balance::ConsistentHash,
+                other => {
+                    return self.err(
+                        b.span(),
+                        format!("unknown balance {other:?}: expected \"round_robin\" or \"consistent_hash\""),
+                    );
+                }
+            },
+        };
+        if let Some(key) = &raw.hash_key {
+            if key.get_ref() != "remote_addr" {
+                return self.err(
+                    key.span(),
+                    format!(
+                        "unknown hash_key {:?}: expected \"remote_addr\"",
+                        key.get_ref()
+                    ),
+                );
+            }
+            if balance != Balance::ConsistentHash {
+                return self.err(key.span(), "hash_key needs balance = \"consistent_hash\"");
+            }
+        }
+        if raw.servers.get_ref().is_empty() {
+            return self.err(
+                raw.servers.span(),
+                format!("upstream {name:?} has an empty pool: list at least one server"),
+            );
+        }
+        let mut servers: Vec<ServerConfig> = Vec::new();
+        for server in raw.servers.get_ref() {
+            let (addr, weight) = match server.get_ref() {
+                RawServer::Addr(addr) => (addr.clone(), defaults::SERVER_WEIGHT),
+                RawServer::Table(t) => {
+                    (t.addr.clone(), t.weight.unwrap_or(defaults::SERVER_WEIGHT))
+                }
+            };
+            if weight == 0 {
+                return self.err(server.span(), "weight must be at least 1");
+            }
+            let Some((host, port)) = split_host_port(&addr) else {
+                return self.err(
+                    server.span(),
+                    format!("invalid server address {addr:?}: expected host:port such as \"10.0.0.1:9000\""),
+                );
+            };
+            if servers.iter().any(|s| s.addr == addr) {
+                return self.err(server.span(), format!("server {addr:?} is listed twice"));
+            }
+            servers.push(ServerConfig {
+                addr,
+                host,
+                port,
+                weight,
+            });
+        }
+        Ok(UpstreamConfig {
+            name: name.to_string(),
+            balance,
+            servers,
+        })
+    }
+}
+
+/// Splits `host:port` or `[v6]:port` at the last colon.
+fn split_host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || host.contains(['/', ' ']) {
+        return None;
+    }
+    Some((host.to_string(), port))
+}
+
+/// The path given on the command line, made absolute without resolving symlinks (a
+/// Kubernetes ConfigMap mount is a symlink farm whose target changes on update).
+pub fn absolute_path(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests;

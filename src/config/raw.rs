@@ -1,0 +1,188 @@
+//! The configuration file as written: serde types that mirror the TOML one to one.
+//!
+//! Every struct denies unknown keys, so a typo is an error with its position rather than a
+//! silently ignored setting. Fields that validation checks beyond their type keep their
+//! [`Spanned`] position so that a semantic error can still name `file:line:column`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, de};
+use toml::Spanned;
+
+/// A duration written for humans: `"500ms"`, `"4s"`, `"2m"`, `"0s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a duration such as "500ms", "4s" or "2m""#)
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<HumanDuration, E> {
+                humantime::parse_duration(text.trim())
+                    .map(HumanDuration)
+                    .map_err(|err| {
+                        E::custom(format!(
+                            r#"invalid duration {text:?}: {err} (write e.g. "500ms", "4s", "2m")"#
+                        ))
+                    })
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// A size written for humans: `"64KiB"`, `"16MiB"`, or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanSize(pub u64);
+
+impl<'de> Deserialize<'de> for HumanSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = HumanSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a size such as "64KiB" or "16MiB""#)
+            }
+            fn visit_u64<E: de::Error>(self, bytes: u64) -> Result<HumanSize, E> {
+                Ok(HumanSize(bytes))
+            }
+            fn visit_i64<E: de::Error>(self, bytes: i64) -> Result<HumanSize, E> {
+                u64::try_from(bytes)
+                    .map(HumanSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<HumanSize, E> {
+                text.trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map(|size| HumanSize(size.as_u64()))
+                    .map_err(|err| {
+                        E::custom(format!(
+                            r#"invalid size {text:?}: {err} (write e.g. "64KiB", "16MiB")"#
+                        ))
+                    })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// Declares a struct that carries the per-tunnel settings next to its own fields, so
+/// `[defaults]` and every `[[route]]` accept exactly the same keys (serde's `flatten` cannot
+/// be combined with `deny_unknown_fields`).
+macro_rules! with_tunnel_settings {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident : $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            pub connect_timeout: Option<Spanned<HumanDuration>>,
+            pub handshake_timeout: Option<Spanned<HumanDuration>>,
+            pub response_timeout: Option<Spanned<HumanDuration>>,
+            pub ping_interval: Option<Spanned<HumanDuration>>,
+            pub pong_timeout: Option<Spanned<HumanDuration>>,
+            pub idle_timeout: Option<HumanDuration>,
+            pub max_frame_size: Option<Spanned<HumanSize>>,
+            pub max_message_size: Option<Spanned<HumanSize>>,
+            pub max_buffer: Option<Spanned<HumanSize>>,
+        }
+
+        impl $name {
+            /// The tunnel settings this table sets, without its other keys.
+            pub fn settings(&self) -> RawSettings {
+                RawSettings {
+                    connect_timeout: self.connect_timeout.clone(),
+                    handshake_timeout: self.handshake_timeout.clone(),
+                    response_timeout: self.response_timeout.clone(),
+                    ping_interval: self.ping_interval.clone(),
+                    pong_timeout: self.pong_timeout.clone(),
+                    idle_timeout: self.idle_timeout,
+                    max_frame_size: self.max_frame_size.clone(),
+                    max_message_size: self.max_message_size.clone(),
+                    max_buffer: self.max_buffer.clone(),
+                }
+            }
+        }
+    };
+}
+
+with_tunnel_settings! {
+    /// `[defaults]`: the tunnel settings every route inherits.
+    #[derive(Default)]
+    pub struct RawSettings {}
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub gateway: RawGateway,
+    #[serde(default)]
+    pub defaults: RawSettings,
+    #[serde(default)]
+    pub listener: Vec<RawListener>,
+    #[serde(default)]
+    pub route: Vec<RawRoute>,
+    #[serde(default)]
+    pub upstream: BTreeMap<String, Spanned<RawUpstream>>,
+}
+
+/// `[gateway]`: process-wide settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub admin: Option<Spanned<String>>,
+    pub workers: Option<Spanned<usize>>,
+    pub shutdown_timeout: Option<HumanDuration>,
+}
+
+/// One `[[listener]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: Option<Spanned<String>>,
+    pub bind: Spanned<String>,
+}
+
+with_tunnel_settings! {
+    /// One `[[route]]`.
+    pub struct RawRoute {
+        pub host: Option<Spanned<String>>,
+        pub path: Option<Spanned<String>>,
+        pub rewrite: Option<Spanned<String>>,
+        pub upstream: Spanned<String>,
+        pub listeners: Option<Vec<Spanned<String>>>,
+        pub host_header: Option<Spanned<String>>,
+    }
+}
+
+/// One `[upstream.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub balance: Option<Spanned<String>>,
+    pub hash_key: Option<Spanned<String>>,
+    pub servers: Spanned<Vec<Spanned<RawServer>>>,
+}
+
+/// A server: `"host:port"` or `{ addr = "host:port", weight = 2 }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawServer {
+    Addr(String),
+    Table(RawServerTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTable {
+    pub addr: String,
+    pub weight: Option<u32>,
+}

@@ -1,0 +1,156 @@
+//! wsgate: a WebSocket-aware load-balancing gateway.
+//!
+//! # Architecture (one module per box)
+//! - [`config`]: the TOML file → validated [`config::Config`], errors with `file:line:column`.
+//! - [`supervisor`]: the actor that owns the running config, the listeners and the
+//!   published [`snapshot::Snapshot`]; start, reload and shutdown happen there only.
+//! - [`snapshot`]: what request handlers read: routes matched to [`pool`]s.
+//! - [`pool`]: upstream servers, live counters, and balancers (smooth weighted
+//!   round-robin; ketama consistent hashing compatible with nginx).
+//! - [`listener`]: one actix-web server per `[[listener]]`.
+//! - [`proxy`]: the request path: route, then WebSocket upgrade or plain HTTP forwarding.
+//! - [`tunnel`]: one actor per WebSocket connection relaying frames between its legs.
+//! - [`demo`]: built-in echo backends for `wsgate demo`.
+//!
+//! # Lexicon
+//! - **client**: who connects to the gateway; **backend**/**server**: where it forwards.
+//! - **listener**: an address the gateway accepts on. **route**: host + path prefix →
+//!   upstream. **upstream**: a named pool of servers with a balance algorithm.
+//! - **tunnel**: one proxied WebSocket connection; its **legs** are the client side and
+//!   the backend side.
+//!
+//! # Principles
+//! Starting, reloading and connecting may be slow; relaying frames must stay cheap: no
+//! per-frame allocation beyond what the codecs need, no lock, no mailbox hop.
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod listener;
+pub mod pool;
+pub mod proxy;
+pub mod snapshot;
+pub mod supervisor;
+pub mod telemetry;
+pub mod tunnel;
+
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use config::Config;
+use listener::BindError;
+use supervisor::{BoundListener, Shutdown, Supervisor};
+
+/// Selects ring as rustls' crypto provider (once per process; later calls do nothing).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Runs the gateway on the current actix system until SIGINT/SIGTERM, then shuts down
+/// gracefully.
+pub async fn run(config: Config) -> Result<(), BindError> {
+    let (supervisor, _) = Supervisor::start(config)?;
+    stop_signal().await;
+    let _ = supervisor.send(Shutdown).await;
+    Ok(())
+}
+
+/// A gateway on its own thread and actix system: for tests, benchmarks and the demo.
+/// Dropping it shuts the gateway down gracefully and joins the thread.
+pub struct GatewayThread {
+    pub listeners: Vec<BoundListener>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl GatewayThread {
+    pub fn spawn(config: Config) -> Result<GatewayThread, BindError> {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("wsgate-system".into())
+            .spawn(move || {
+                actix_rt::System::new().block_on(async move {
+                    match Supervisor::start(config) {
+                        Ok((supervisor, bound)) => {
+                            let _ = started_tx.send(Ok(bound));
+                            let _ = stop_rx.await;
+                            let _ = supervisor.send(Shutdown).await;
+                        }
+                        Err(err) => {
+                            let _ = started_tx.send(Err(err));
+                        }
+                    }
+                });
+            })
+            .map_err(|source| BindError {
+                name: "gateway".into(),
+                bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })?;
+        let started = started_rx.recv().unwrap_or_else(|_| {
+            Err(BindError {
+                name: "gateway".into(),
+                bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source: std::io::Error::other("the gateway thread died while starting"),
+            })
+        });
+        match started {
+            Ok(listeners) => Ok(GatewayThread {
+                listeners,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Err(err) => {
+                let _ = thread.join();
+                Err(err)
+            }
+        }
+    }
+
+    /// The bound address of the listener called `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.addr)
+    }
+
+    /// Shuts down gracefully and waits for the thread.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for GatewayThread {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}

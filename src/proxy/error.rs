@@ -1,0 +1,72 @@
+//! Why a request was not proxied, and the HTTP status each reason answers with.
+
+use actix_http::ws::HandshakeError;
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches host {host:?} and path {path:?}")]
+    NoRoute { host: String, path: String },
+    #[error("bad WebSocket upgrade request: {0}")]
+    BadUpgrade(&'static str),
+    #[error("unsupported WebSocket version: this gateway speaks version 13")]
+    UnsupportedVersion,
+    #[error("upstream {upstream:?}: no server could be reached (last error: {detail})")]
+    Unavailable { upstream: String, detail: String },
+    #[error("upstream {upstream:?}: no server answered in time (last error: {detail})")]
+    Timeout { upstream: String, detail: String },
+    #[error("the backend refused the WebSocket upgrade with status {0}")]
+    Refused(StatusCode),
+}
+
+impl From<HandshakeError> for ProxyError {
+    fn from(err: HandshakeError) -> Self {
+        match err {
+            HandshakeError::GetMethodRequired => ProxyError::BadUpgrade("the method must be GET"),
+            HandshakeError::NoWebsocketUpgrade => {
+                ProxyError::BadUpgrade("the Upgrade header must be \"websocket\"")
+            }
+            HandshakeError::NoConnectionUpgrade => {
+                ProxyError::BadUpgrade("the Connection header must include \"upgrade\"")
+            }
+            HandshakeError::NoVersionHeader => {
+                ProxyError::BadUpgrade("the Sec-WebSocket-Version header is missing")
+            }
+            HandshakeError::UnsupportedVersion => ProxyError::UnsupportedVersion,
+            HandshakeError::BadWebsocketKey => ProxyError::BadUpgrade(
+                "the Sec-WebSocket-Key header is missing or not 16 bytes of base64",
+            ),
+        }
+    }
+}
+
+impl ResponseError for ProxyError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::BadUpgrade(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
+            ProxyError::Unavailable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Refused(status) => *status,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        response.content_type("text/plain; charset=utf-8");
+        if matches!(
+            self,
+            ProxyError::UnsupportedVersion | ProxyError::BadUpgrade(_)
+        ) {
+            // RFC 6455 §4.4: tell the client which version to retry with.
+            response.insert_header((
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            ));
+        }
+        response.body(format!("wsgate: {self}\n"))
+    }
+}

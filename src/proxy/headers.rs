@@ -1,0 +1,198 @@
+//! The headers a backend receives and the headers a client gets back: end-to-end headers
+//! pass, hop-by-hop headers (RFC 9110 §7.6.1) stop at the gateway, and the forwarding
+//! headers nginx users set by hand (`X-Forwarded-For`, `X-Real-IP`, ...) are set for them.
+
+use std::net::IpAddr;
+
+use actix_http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection and never cross the gateway.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::CONTENT_LENGTH, // recomputed from the body each hop
+];
+
+/// Negotiated per WebSocket leg: the gateway re-encodes frames on each leg, so an
+/// extension (permessage-deflate) agreed with one peer means nothing to the other.
+const WEBSOCKET_PER_LEG: [HeaderName; 4] = [
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::SEC_WEBSOCKET_EXTENSIONS,
+    header::SEC_WEBSOCKET_ACCEPT,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Facts about the client's request that the forwarding headers carry.
+pub struct Forwarded<'a> {
+    pub client_ip: IpAddr,
+    /// `http` or `https`: how the client reached the gateway.
+    pub proto: &'static str,
+    /// The Host the client asked for.
+    pub host: Option<&'a HeaderValue>,
+    /// Replaces Host toward the backend (`host_header` on the route).
+    pub host_override: Option<&'a str>,
+}
+
+fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
+fn is_hop_by_hop(headers: &HeaderMap, name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+        || named_by_connection(headers, name)
+}
+
+/// The headers to send to the backend for a client request carrying `incoming`.
+pub fn to_backend(incoming: &HeaderMap, fwd: &Forwarded<'_>) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(incoming.len() + 5);
+    for (name, value) in incoming.iter() {
+        if is_hop_by_hop(incoming, name)
+            || WEBSOCKET_PER_LEG.contains(name)
+            || *name == header::HOST
+            || *name == X_FORWARDED_FOR
+            || *name == X_REAL_IP
+            || *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    let host = match fwd.host_override {
+        Some(host) => HeaderValue::from_str(host).ok(),
+        None => fwd.host.cloned(),
+    };
+    if let Some(host) = host {
+        out.insert(header::HOST, host);
+    }
+    if let Some(original) = fwd.host {
+        out.insert(X_FORWARDED_HOST, original.clone());
+    }
+    // nginx's $proxy_add_x_forwarded_for: the list the client sent, then the client.
+    let client_ip = fwd.client_ip.to_canonical().to_string();
+    let previous: Vec<&str> = incoming
+        .get_all(X_FORWARDED_FOR)
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let xff = if previous.is_empty() {
+        client_ip.clone()
+    } else {
+        format!("{}, {client_ip}", previous.join(", "))
+    };
+    if let Ok(xff) = HeaderValue::from_str(&xff) {
+        out.insert(X_FORWARDED_FOR, xff);
+    }
+    if let Ok(ip) = HeaderValue::from_str(&client_ip) {
+        out.insert(X_REAL_IP, ip);
+    }
+    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    out
+}
+
+/// Copies a backend response's end-to-end headers into `out` (the client's response).
+pub fn to_client(backend: &HeaderMap, out: &mut HeaderMap) {
+    for (name, value) in backend.iter() {
+        if is_hop_by_hop(backend, name) || WEBSOCKET_PER_LEG.contains(name) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn forwarding_headers_are_set_and_hop_by_hop_stripped() {
+        let incoming = map(&[
+            ("host", "chat.example.com"),
+            ("connection", "Upgrade, X-Private"),
+            ("upgrade", "websocket"),
+            ("x-private", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("sec-websocket-key", "abc"),
+            ("sec-websocket-extensions", "permessage-deflate"),
+            ("sec-websocket-protocol", "v1, v2"),
+            ("cookie", "a=1"),
+            ("origin", "https://chat.example.com"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-real-ip", "6.6.6.6"),
+        ]);
+        let host = incoming.get(header::HOST).cloned();
+        let out = to_backend(
+            &incoming,
+            &Forwarded {
+                client_ip: "::ffff:127.0.0.7".parse().unwrap(),
+                proto: "https",
+                host: host.as_ref(),
+                host_override: None,
+            },
+        );
+        let get = |k: &str| out.get(k).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(get("host").as_deref(), Some("chat.example.com"));
+        assert_eq!(
+            get("x-forwarded-for").as_deref(),
+            Some("203.0.113.9, 127.0.0.7")
+        );
+        assert_eq!(get("x-real-ip").as_deref(), Some("127.0.0.7"));
+        assert_eq!(get("x-forwarded-proto").as_deref(), Some("https"));
+        assert_eq!(get("x-forwarded-host").as_deref(), Some("chat.example.com"));
+        assert_eq!(get("sec-websocket-protocol").as_deref(), Some("v1, v2"));
+        assert_eq!(get("cookie").as_deref(), Some("a=1"));
+        assert_eq!(get("origin").as_deref(), Some("https://chat.example.com"));
+        for gone in [
+            "connection",
+            "upgrade",
+            "x-private",
+            "keep-alive",
+            "sec-websocket-key",
+            "sec-websocket-extensions",
+        ] {
+            assert_eq!(get(gone), None, "{gone} must not reach the backend");
+        }
+    }
+
+    #[test]
+    fn host_override_replaces_host_but_x_forwarded_host_keeps_the_original() {
+        let incoming = map(&[("host", "public.example.com")]);
+        let host = incoming.get(header::HOST).cloned();
+        let out = to_backend(
+            &incoming,
+            &Forwarded {
+                client_ip: "10.0.0.1".parse().unwrap(),
+                proto: "http",
+                host: host.as_ref(),
+                host_override: Some("backend.internal:9000"),
+            },
+        );
+        assert_eq!(out.get("host").unwrap(), "backend.internal:9000");
+        assert_eq!(out.get("x-forwarded-host").unwrap(), "public.example.com");
+    }
+}

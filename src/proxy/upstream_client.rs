@@ -1,0 +1,88 @@
+//! The HTTP/WebSocket client each worker uses to reach backends (awc), set up for a proxy:
+//! Nagle off (a relayed small frame must not wait 40 ms for a delayed ACK), no connection
+//! cap (awc's default of 100 would silently stall the 101st tunnel), no default headers
+//! (the client's User-Agent passes through), and our own timeouts per route.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use actix_http::Uri;
+use actix_service::Service;
+use actix_tls::connect::{ConnectError, ConnectInfo, Connection, ConnectorService};
+use tokio::net::TcpStream;
+
+/// Sets TCP_NODELAY on every backend connection; awc has no knob for it.
+#[derive(Clone, Default)]
+struct NoDelayConnector(ConnectorService);
+
+impl Service<ConnectInfo<Uri>> for NoDelayConnector {
+    type Response = Connection<Uri, TcpStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>>>>;
+
+    fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<ConnectInfo<Uri>>::poll_ready(&self.0, cx)
+    }
+
+    fn call(&self, req: ConnectInfo<Uri>) -> Self::Future {
+        let connecting = self.0.call(req);
+        Box::pin(async move {
+            let connection = connecting.await?;
+            // Best effort: a socket that refuses the option still works, only slower.
+            let _ = connection.io_ref().set_nodelay(true);
+            Ok(connection)
+        })
+    }
+}
+
+/// The worker's clients, one per connect timeout in use (awc fixes it per connector).
+pub struct UpstreamClients {
+    tls: Arc<rustls::ClientConfig>,
+    clients: RefCell<HashMap<Duration, awc::Client>>,
+}
+
+impl UpstreamClients {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        UpstreamClients {
+            tls,
+            clients: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The client whose connects give up after `connect_timeout`.
+    pub fn get(&self, connect_timeout: Duration) -> awc::Client {
+        self.clients
+            .borrow_mut()
+            .entry(connect_timeout)
+            .or_insert_with(|| {
+                let connector = awc::Connector::new()
+                    .connector(NoDelayConnector::default())
+                    .rustls_0_23(Arc::clone(&self.tls))
+                    .timeout(connect_timeout)
+                    .limit(0);
+                awc::Client::builder()
+                    .connector(connector)
+                    .no_default_headers()
+                    .disable_timeout()
+                    .finish()
+            })
+            .clone()
+    }
+}
+
+/// TLS settings for backends reached over `wss://`/`https://`: the webpki roots.
+pub fn default_tls() -> Arc<rustls::ClientConfig> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
