@@ -1,0 +1,325 @@
+//! Test harness: the gateway in-process on 127.0.0.1:0, real backends and real clients
+//! on loopback sockets. Everything a test starts stops when its handle drops.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub use wsgate::GatewayThread;
+
+/// Every test step that waits on the network waits at most this long.
+pub const STEP: Duration = Duration::from_secs(10);
+
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Starts a gateway from TOML text; `{BACKEND_n}` placeholders are replaced by the
+/// addresses given, and listeners should bind `127.0.0.1:0`.
+pub fn gateway(toml: &str, backends: &[SocketAddr]) -> GatewayThread {
+    let mut text = toml.to_string();
+    for (i, addr) in backends.iter().enumerate() {
+        text = text.replace(&format!("{{BACKEND_{}}}", i + 1), &addr.to_string());
+    }
+    let config = wsgate::config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+    GatewayThread::spawn(config).expect("gateway starts")
+}
+
+/// The single listener's address.
+pub fn addr(gw: &GatewayThread) -> SocketAddr {
+    gw.listeners[0].addr
+}
+
+/// A minimal one-route config in front of the given number of backends.
+pub fn simple_config(backends: usize, extra_defaults: &str) -> String {
+    let servers: Vec<String> = (1..=backends).map(|i| format!("\"{{BACKEND_{i}}}\"")).collect();
+    format!(
+        r#"
+        [gateway]
+        workers = 1
+        [defaults]
+        {extra_defaults}
+        [[listener]]
+        name = "test"
+        bind = "127.0.0.1:0"
+        [[route]]
+        path = "/"
+        upstream = "u"
+        [upstream.u]
+        servers = [{}]
+        "#,
+        servers.join(", ")
+    )
+}
+
+/// What a backend saw of one handshake.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub peer: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behavior {
+    /// Echoes messages; answers the text "whoami" with its name; closes with code N when
+    /// sent the text "close N".
+    Echo,
+    /// Completes the handshake, then never reads or writes (a wedged backend).
+    Silent,
+    /// Answers the upgrade with this status.
+    Refuse(u16),
+    /// Accepts TCP but never answers the handshake.
+    Mute,
+}
+
+/// A WebSocket backend on 127.0.0.1:0 (tokio-tungstenite).
+pub struct WsBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl WsBackend {
+    pub async fn start(name: &str, behavior: Behavior) -> WsBackend {
+        Self::start_with(name, behavior, None).await
+    }
+
+    /// `protocol`: the subprotocol to choose if the client offers it.
+    pub async fn start_with(name: &str, behavior: Behavior, protocol: Option<&'static str>) -> WsBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (stop_tx, mut stop_rx) = oneshot::channel();
+        let task_seen = Arc::clone(&seen);
+        let task_name = name.to_string();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    accepted = listener.accept() => {
+                        let Ok((stream, peer)) = accepted else { break };
+                        let seen = Arc::clone(&task_seen);
+                        let name = task_name.clone();
+                        tokio::spawn(serve(stream, peer, behavior, protocol, seen, name));
+                    }
+                }
+            }
+        });
+        WsBackend {
+            name: name.to_string(),
+            addr,
+            seen,
+            stop: Some(stop_tx),
+        }
+    }
+
+    pub fn handshakes(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen.lock().unwrap().last().cloned().expect("backend saw a handshake")
+    }
+}
+
+impl Drop for WsBackend {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20))
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    behavior: Behavior,
+    protocol: Option<&'static str>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    name: String,
+) {
+    if behavior == Behavior::Mute {
+        // Hold the socket open without a word until the peer gives up.
+        let mut sink = [0u8; 1024];
+        while let Ok(Ok(n)) = tokio::time::timeout(STEP * 3, stream.read(&mut sink)).await {
+            if n == 0 {
+                break;
+            }
+        }
+        return;
+    }
+    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        seen.lock().unwrap().push(Seen {
+            path: req.uri().to_string(),
+            headers,
+            peer,
+        });
+        if let Behavior::Refuse(status) = behavior {
+            let mut refusal = ErrorResponse::new(Some(format!("refused by {name}")));
+            *refusal.status_mut() = StatusCode::from_u16(status).unwrap();
+            return Err(refusal);
+        }
+        let offered = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if let Some(p) = protocol {
+            if offered.split(',').any(|o| o.trim() == p) {
+                resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(p));
+            }
+        }
+        Ok(resp)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config())).await else {
+        return;
+    };
+    if behavior == Behavior::Silent {
+        tokio::time::sleep(STEP * 3).await;
+        return;
+    }
+    while let Some(Ok(msg)) = ws.next().await {
+        let reply = match msg {
+            Message::Text(t) if t.as_str() == "whoami" => Message::text(name.clone()),
+            Message::Text(t) if t.as_str().starts_with("close ") => {
+                let code: u16 = t.as_str()[6..].parse().unwrap();
+                let _ = ws
+                    .close(Some(tungstenite::protocol::CloseFrame {
+                        code: code.into(),
+                        reason: format!("bye {code}").into(),
+                    }))
+                    .await;
+                // Drain until the peer's close reply ends the stream.
+                while let Some(Ok(_)) = ws.next().await {}
+                return;
+            }
+            Message::Text(_) | Message::Binary(_) => msg,
+            // tungstenite queues the pong for a ping by itself; flush it.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+                let _ = ws.flush().await;
+                continue;
+            }
+            Message::Close(_) => {
+                let _ = ws.flush().await;
+                continue;
+            }
+        };
+        if ws.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Connects a WebSocket client to `url`.
+pub async fn connect(url: &str) -> Client {
+    let (ws, _) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
+    )
+    .await
+    .expect("connect in time")
+    .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    ws
+}
+
+/// Connects from a chosen loopback source address (for hashing by client address).
+pub async fn connect_from(source: IpAddr, gateway: SocketAddr, path: &str) -> WebSocketStream<TcpStream> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let stream = socket.connect(gateway).await.unwrap();
+    let url = format!("ws://{gateway}{path}");
+    let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::client_async(url, stream))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    ws
+}
+
+/// The handshake error status for `url`, which must be refused.
+pub async fn refused_status(url: &str) -> (u16, String) {
+    match tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url)).await.expect("answer in time") {
+        Ok(_) => panic!("{url}: expected a refused handshake"),
+        Err(tungstenite::Error::Http(resp)) => {
+            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).to_string()).unwrap_or_default();
+            (resp.status().as_u16(), body)
+        }
+        Err(e) => panic!("{url}: unexpected error {e}"),
+    }
+}
+
+/// The next data message (text or binary), skipping pings and pongs.
+pub async fn next_data<S>(ws: &mut WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let msg = tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("message in time")
+            .expect("stream open")
+            .expect("no error");
+        match msg {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Reads until the close frame and returns its code and reason.
+pub async fn close_code<S>(ws: &mut WebSocketStream<S>) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match tokio::time::timeout(STEP, ws.next()).await.expect("close in time") {
+            Some(Ok(Message::Close(Some(frame)))) => return (frame.code.into(), frame.reason.to_string()),
+            Some(Ok(Message::Close(None))) => return (1005, String::new()),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("error before close frame: {e}"),
+            None => panic!("stream ended without a close frame"),
+        }
+    }
+}
+
+/// Sends a raw HTTP/1.1 request and returns (status, headers, body).
+pub async fn http(addr: SocketAddr, request: &str) -> (u16, String, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut buf)).await.expect("response in time").unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("complete head");
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status code");
+    (status, head, buf[split + 4..].to_vec())
+}
+
+/// The process's resident set size in bytes.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}

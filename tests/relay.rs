@@ -1,0 +1,277 @@
+//! Frames through a tunnel: data, large and fragmented messages, control frames, close
+//! codes both ways, subprotocols, limits.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+
+#[tokio::test]
+async fn text_binary_and_large_messages_round_trip() {
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let mut ws = connect(&format!("ws://{}/chat", addr(&gw))).await;
+
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("hello"));
+
+    let binary: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+    ws.send(Message::binary(binary.clone())).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::binary(binary));
+
+    let big: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(next_data(&mut ws).await.into_data().as_ref(), &big[..]);
+
+    let big_text = "ü".repeat(512 * 1024); // 1 MiB of two-byte characters
+    ws.send(Message::text(big_text.clone())).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text(big_text));
+
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn many_messages_keep_their_order() {
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    for i in 0..2000 {
+        ws.feed(Message::text(i.to_string())).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    for i in 0..2000 {
+        assert_eq!(next_data(&mut ws).await, Message::text(i.to_string()));
+    }
+}
+
+#[tokio::test]
+async fn close_code_and_reason_pass_from_client_to_backend_and_back() {
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::from(4001),
+        reason: "bye-4001".into(),
+    })))
+    .await
+    .unwrap();
+    // tungstenite's backend echoes the close code in its reply; the gateway relays it.
+    assert_eq!(close_code(&mut ws).await, (4001, "bye-4001".to_string()));
+    // The gateway then ends the TCP connection (RFC 6455 §7.1.1: the server closes first).
+    let end = tokio::time::timeout(STEP, ws.next()).await.expect("TCP end in time");
+    assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
+}
+
+#[tokio::test]
+async fn backend_close_code_reaches_the_client() {
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    ws.send(Message::text("close 4002")).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, (4002, "bye 4002".to_string()));
+}
+
+#[tokio::test]
+async fn application_ping_reaches_the_backend_and_its_pong_comes_back() {
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    ws.send(Message::Ping(Bytes::from_static(b"app-ping"))).await.unwrap();
+    loop {
+        match tokio::time::timeout(STEP, ws.next()).await.unwrap().unwrap().unwrap() {
+            Message::Pong(payload) => {
+                assert_eq!(payload.as_ref(), b"app-ping");
+                break;
+            }
+            Message::Ping(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn backend_chosen_subprotocol_reaches_the_client() {
+    let backend = WsBackend::start_with("b1", Behavior::Echo, Some("v2.chat")).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{}/", addr(&gw)),
+    )
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "v1.chat, v2.chat".parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.headers().get("sec-websocket-protocol").unwrap(), "v2.chat");
+    assert_eq!(
+        backend.last().headers.get("sec-websocket-protocol").map(String::as_str),
+        Some("v1.chat, v2.chat")
+    );
+    ws.send(Message::text("x")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("x"));
+}
+
+#[tokio::test]
+async fn oversized_message_is_closed_with_1009() {
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let gw = gateway(&simple_config(1, "max_frame_size = \"64KiB\"\nmax_message_size = \"100KiB\""), &[backend.addr]);
+    // One frame over max_frame_size.
+    let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    ws.send(Message::binary(vec![0u8; 64 * 1024 + 1])).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 1009);
+
+    // Frames under the limit, but a fragmented message over max_message_size.
+    let mut raw = RawClient::connect(addr(&gw)).await;
+    raw.send_frame(false, 0x2, &[1u8; 60 * 1024]).await;
+    raw.send_frame(true, 0x0, &[2u8; 60 * 1024]).await;
+    let (opcode, payload) = raw.read_frame_skipping_pings().await;
+    assert_eq!(opcode.1, 0x8);
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1009);
+}
+
+/// A fragmented message keeps its frame boundaries through the gateway (no reassembly).
+#[tokio::test]
+async fn fragments_are_relayed_with_their_boundaries() {
+    // actix-ws echoes fragments 1:1, so what comes back shows what the backend received.
+    let (backend_addr, _backend) = demo_backend();
+    let gw = gateway(&simple_config(1, ""), &[backend_addr]);
+    let mut raw = RawClient::connect(addr(&gw)).await;
+    let hello = raw.read_frame_skipping_pings().await;
+    assert_eq!(hello.0, (true, 0x1), "the demo backend greets first");
+
+    raw.send_frame(false, 0x1, b"frag-one ").await;
+    raw.send_frame(false, 0x0, b"frag-two ").await;
+    raw.send_frame(true, 0x0, b"frag-three").await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let ((fin, opcode), payload) = raw.read_frame_skipping_pings().await;
+        got.push((fin, opcode, String::from_utf8(payload).unwrap()));
+    }
+    assert_eq!(
+        got,
+        [
+            (false, 0x1, "frag-one ".to_string()),
+            (false, 0x0, "frag-two ".to_string()),
+            (true, 0x0, "frag-three".to_string()),
+        ]
+    );
+}
+
+/// The demo's actix-ws echo backend on its own thread.
+fn demo_backend() -> (std::net::SocketAddr, DemoBackendThread) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            let backend = wsgate::demo::EchoBackend::start("demo").unwrap();
+            tx.send(backend.addr).unwrap();
+            let _ = stop_rx.await;
+            backend.stop().await;
+        });
+    });
+    let addr = rx.recv_timeout(STEP).unwrap();
+    (addr, DemoBackendThread(Some(stop_tx), Some(thread)))
+}
+
+struct DemoBackendThread(Option<tokio::sync::oneshot::Sender<()>>, Option<std::thread::JoinHandle<()>>);
+
+impl Drop for DemoBackendThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.0.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.1.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A WebSocket client on a raw socket, to send and see individual frames.
+struct RawClient(TcpStream);
+
+impl RawClient {
+    async fn connect(gateway: std::net::SocketAddr) -> RawClient {
+        let mut stream = TcpStream::connect(gateway).await.unwrap();
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(STEP, stream.read_exact(&mut byte)).await.unwrap().unwrap();
+            head.push(byte[0]);
+            assert!(head.len() < 8192);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        RawClient(stream)
+    }
+
+    async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        let mut frame = vec![(u8::from(fin) << 7) | opcode];
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.0.write_all(&frame).await.unwrap();
+    }
+
+    /// ((fin, opcode), payload) of the next frame that is not a ping.
+    async fn read_frame_skipping_pings(&mut self) -> ((bool, u8), Vec<u8>) {
+        loop {
+            let mut head = [0u8; 2];
+            tokio::time::timeout(STEP, self.0.read_exact(&mut head)).await.unwrap().unwrap();
+            let len = match head[1] & 0x7f {
+                126 => {
+                    let mut ext = [0u8; 2];
+                    self.0.read_exact(&mut ext).await.unwrap();
+                    u16::from_be_bytes(ext) as usize
+                }
+                127 => {
+                    let mut ext = [0u8; 8];
+                    self.0.read_exact(&mut ext).await.unwrap();
+                    u64::from_be_bytes(ext) as usize
+                }
+                n => n as usize,
+            };
+            let mut payload = vec![0u8; len];
+            self.0.read_exact(&mut payload).await.unwrap();
+            let opcode = head[0] & 0x0f;
+            if opcode != 0x9 {
+                return ((head[0] & 0x80 != 0, opcode), payload);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_a_quiet_tunnel_but_heartbeats_do_not_keep_it_open() {
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let gw = gateway(
+        &simple_config(1, "ping_interval = \"100ms\"\nidle_timeout = \"400ms\""),
+        &[backend.addr],
+    );
+    let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    let started = std::time::Instant::now();
+    // tungstenite answers the gateway's pings, so both legs stay alive but idle.
+    let (code, reason) = close_code(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
+    assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
+}
