@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use actix_web::{App, HttpServer, web};
@@ -63,6 +64,10 @@ pub fn start(
     .disable_signals()
     .tcp_nodelay(true)
     .max_connections(MAX_CONNECTIONS_PER_WORKER)
+    // Once a response (or a tunnel's close handshake) is done, end the TCP connection at
+    // once instead of lingering for the client to do it: RFC 6455 §7.1.1 wants the server
+    // to close first, and a client waiting for that would otherwise wait actix's 1 s.
+    .client_disconnect_timeout(Duration::ZERO)
     .listen(socket)
     .map_err(bind_error)?
     .run();

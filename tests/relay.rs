@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_binary_and_large_messages_round_trip() {
     let backend = WsBackend::start("b1", Behavior::Echo).await;
     let gw = gateway(&simple_config(1, ""), &[backend.addr]);
@@ -37,7 +37,7 @@ async fn text_binary_and_large_messages_round_trip() {
     ws.close(None).await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_messages_keep_their_order() {
     let backend = WsBackend::start("b1", Behavior::Echo).await;
     let gw = gateway(&simple_config(1, ""), &[backend.addr]);
@@ -51,7 +51,7 @@ async fn many_messages_keep_their_order() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_code_and_reason_pass_from_client_to_backend_and_back() {
     let backend = WsBackend::start("b1", Behavior::Echo).await;
     let gw = gateway(&simple_config(1, ""), &[backend.addr]);
@@ -65,11 +65,13 @@ async fn close_code_and_reason_pass_from_client_to_backend_and_back() {
     // tungstenite's backend echoes the close code in its reply; the gateway relays it.
     assert_eq!(close_code(&mut ws).await, (4001, "bye-4001".to_string()));
     // The gateway then ends the TCP connection (RFC 6455 §7.1.1: the server closes first).
-    let end = tokio::time::timeout(STEP, ws.next()).await.expect("TCP end in time");
+    let end = tokio::time::timeout(STEP, ws.next())
+        .await
+        .expect("TCP end in time");
     assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_close_code_reaches_the_client() {
     let backend = WsBackend::start("b1", Behavior::Echo).await;
     let gw = gateway(&simple_config(1, ""), &[backend.addr]);
@@ -78,14 +80,21 @@ async fn backend_close_code_reaches_the_client() {
     assert_eq!(close_code(&mut ws).await, (4002, "bye 4002".to_string()));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn application_ping_reaches_the_backend_and_its_pong_comes_back() {
     let backend = WsBackend::start("b1", Behavior::Echo).await;
     let gw = gateway(&simple_config(1, ""), &[backend.addr]);
     let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
-    ws.send(Message::Ping(Bytes::from_static(b"app-ping"))).await.unwrap();
+    ws.send(Message::Ping(Bytes::from_static(b"app-ping")))
+        .await
+        .unwrap();
     loop {
-        match tokio::time::timeout(STEP, ws.next()).await.unwrap().unwrap().unwrap() {
+        match tokio::time::timeout(STEP, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
             Message::Pong(payload) => {
                 assert_eq!(payload.as_ref(), b"app-ping");
                 break;
@@ -96,34 +105,52 @@ async fn application_ping_reaches_the_backend_and_its_pong_comes_back() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_chosen_subprotocol_reaches_the_client() {
     let backend = WsBackend::start_with("b1", Behavior::Echo, Some("v2.chat")).await;
     let gw = gateway(&simple_config(1, ""), &[backend.addr]);
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("ws://{}/", addr(&gw)),
-    )
-    .unwrap();
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "v1.chat, v2.chat".parse().unwrap());
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/",
+            addr(&gw)
+        ))
+        .unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "v1.chat, v2.chat".parse().unwrap(),
+    );
     let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
-    assert_eq!(response.headers().get("sec-websocket-protocol").unwrap(), "v2.chat");
     assert_eq!(
-        backend.last().headers.get("sec-websocket-protocol").map(String::as_str),
+        response.headers().get("sec-websocket-protocol").unwrap(),
+        "v2.chat"
+    );
+    assert_eq!(
+        backend
+            .last()
+            .headers
+            .get("sec-websocket-protocol")
+            .map(String::as_str),
         Some("v1.chat, v2.chat")
     );
     ws.send(Message::text("x")).await.unwrap();
     assert_eq!(next_data(&mut ws).await, Message::text("x"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_message_is_closed_with_1009() {
     let backend = WsBackend::start("b1", Behavior::Echo).await;
-    let gw = gateway(&simple_config(1, "max_frame_size = \"64KiB\"\nmax_message_size = \"100KiB\""), &[backend.addr]);
+    let gw = gateway(
+        &simple_config(
+            1,
+            "max_frame_size = \"64KiB\"\nmax_message_size = \"100KiB\"",
+        ),
+        &[backend.addr],
+    );
     // One frame over max_frame_size.
     let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
-    ws.send(Message::binary(vec![0u8; 64 * 1024 + 1])).await.unwrap();
+    ws.send(Message::binary(vec![0u8; 64 * 1024 + 1]))
+        .await
+        .unwrap();
     assert_eq!(close_code(&mut ws).await.0, 1009);
 
     // Frames under the limit, but a fragmented message over max_message_size.
@@ -136,7 +163,7 @@ async fn oversized_message_is_closed_with_1009() {
 }
 
 /// A fragmented message keeps its frame boundaries through the gateway (no reassembly).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fragments_are_relayed_with_their_boundaries() {
     // actix-ws echoes fragments 1:1, so what comes back shows what the backend received.
     let (backend_addr, _backend) = demo_backend();
@@ -179,7 +206,10 @@ fn demo_backend() -> (std::net::SocketAddr, DemoBackendThread) {
     (addr, DemoBackendThread(Some(stop_tx), Some(thread)))
 }
 
-struct DemoBackendThread(Option<tokio::sync::oneshot::Sender<()>>, Option<std::thread::JoinHandle<()>>);
+struct DemoBackendThread(
+    Option<tokio::sync::oneshot::Sender<()>>,
+    Option<std::thread::JoinHandle<()>>,
+);
 
 impl Drop for DemoBackendThread {
     fn drop(&mut self) {
@@ -206,11 +236,18 @@ impl RawClient {
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
             let mut byte = [0u8; 1];
-            tokio::time::timeout(STEP, stream.read_exact(&mut byte)).await.unwrap().unwrap();
+            tokio::time::timeout(STEP, stream.read_exact(&mut byte))
+                .await
+                .unwrap()
+                .unwrap();
             head.push(byte[0]);
             assert!(head.len() < 8192);
         }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
         RawClient(stream)
     }
 
@@ -237,7 +274,10 @@ impl RawClient {
     async fn read_frame_skipping_pings(&mut self) -> ((bool, u8), Vec<u8>) {
         loop {
             let mut head = [0u8; 2];
-            tokio::time::timeout(STEP, self.0.read_exact(&mut head)).await.unwrap().unwrap();
+            tokio::time::timeout(STEP, self.0.read_exact(&mut head))
+                .await
+                .unwrap()
+                .unwrap();
             let len = match head[1] & 0x7f {
                 126 => {
                     let mut ext = [0u8; 2];
@@ -261,7 +301,7 @@ impl RawClient {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_a_quiet_tunnel_but_heartbeats_do_not_keep_it_open() {
     let backend = WsBackend::start("b1", Behavior::Echo).await;
     let gw = gateway(
@@ -273,5 +313,9 @@ async fn idle_timeout_closes_a_quiet_tunnel_but_heartbeats_do_not_keep_it_open()
     // tungstenite answers the gateway's pings, so both legs stay alive but idle.
     let (code, reason) = close_code(&mut ws).await;
     assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
-    assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
 }

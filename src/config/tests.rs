@@ -61,7 +61,10 @@ fn routes_inherit_defaults_and_override_them() {
     assert_eq!(b.idle_timeout, Duration::from_secs(120));
     assert_eq!(b.max_frame_size, 1024 * 1024);
     let servers = &config.upstreams["u"].servers;
-    assert_eq!((servers[1].host.as_str(), servers[1].port, servers[1].weight), ("::1", 9001, 2));
+    assert_eq!(
+        (servers[1].host.as_str(), servers[1].port, servers[1].weight),
+        ("::1", 9001, 2)
+    );
     assert_eq!(servers[1].addr, "[::1]:9001");
 }
 
@@ -141,7 +144,10 @@ fn errors_name_file_line_column_and_problem() {
     ];
     for (text, expected) in cases {
         let got = error_of(text);
-        assert!(got.starts_with(expected), "for:\n{text}\nexpected: {expected}\ngot:      {got}");
+        assert!(
+            got.starts_with(expected),
+            "for:\n{text}\nexpected: {expected}\ngot:      {got}"
+        );
     }
 }
 
@@ -171,5 +177,8 @@ fn shipped_configs_are_valid() {
             checked += 1;
         }
     }
-    assert!(checked >= 2, "expected config/config.toml and examples, checked {checked}");
+    assert!(
+        checked >= 2,
+        "expected config/config.toml and examples, checked {checked}"
+    );
 }

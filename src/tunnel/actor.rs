@@ -154,9 +154,10 @@ impl Tunnel {
                     self.send(from.other(), close);
                 }
                 self.arm_close_deadline(ctx);
-                if finished {
-                    self.settle(ctx);
-                }
+                // `finished` says the handshake completed both ways; an aborting tunnel may
+                // also settle here, when the last leg it waits for answers.
+                let _ = finished;
+                self.settle(ctx);
             }
         }
     }
@@ -188,6 +189,11 @@ impl Tunnel {
                 // A leg that is gone or gets no frame has nothing to wait for.
                 _ => self.input_done[leg as usize] = true,
             }
+        }
+        // A leg that stopped answering gets its close frame as a courtesy, but nobody waits
+        // for its reply.
+        if let Some(Ending::Silent(leg)) = ending {
+            self.input_done[leg as usize] = true;
         }
         self.arm_close_deadline(ctx);
         self.settle(ctx);

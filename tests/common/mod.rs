@@ -27,6 +27,10 @@ pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// Starts a gateway from TOML text; `{BACKEND_n}` placeholders are replaced by the
 /// addresses given, and listeners should bind `127.0.0.1:0`.
 pub fn gateway(toml: &str, backends: &[SocketAddr]) -> GatewayThread {
+    // Logs show with `--nocapture` and `RUST_LOG=wsgate=debug`.
+    if std::env::var_os("RUST_LOG").is_some() {
+        wsgate::telemetry::init(wsgate::telemetry::LogFormat::Pretty);
+    }
     let mut text = toml.to_string();
     for (i, addr) in backends.iter().enumerate() {
         text = text.replace(&format!("{{BACKEND_{}}}", i + 1), &addr.to_string());
@@ -42,7 +46,9 @@ pub fn addr(gw: &GatewayThread) -> SocketAddr {
 
 /// A minimal one-route config in front of the given number of backends.
 pub fn simple_config(backends: usize, extra_defaults: &str) -> String {
-    let servers: Vec<String> = (1..=backends).map(|i| format!("\"{{BACKEND_{i}}}\"")).collect();
+    let servers: Vec<String> = (1..=backends)
+        .map(|i| format!("\"{{BACKEND_{i}}}\""))
+        .collect();
     format!(
         r#"
         [gateway]
@@ -88,6 +94,8 @@ pub struct WsBackend {
     pub name: String,
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Close codes received from the gateway, in order.
+    pub closes: Arc<Mutex<Vec<u16>>>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -97,12 +105,18 @@ impl WsBackend {
     }
 
     /// `protocol`: the subprotocol to choose if the client offers it.
-    pub async fn start_with(name: &str, behavior: Behavior, protocol: Option<&'static str>) -> WsBackend {
+    pub async fn start_with(
+        name: &str,
+        behavior: Behavior,
+        protocol: Option<&'static str>,
+    ) -> WsBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let closes = Arc::new(Mutex::new(Vec::new()));
         let (stop_tx, mut stop_rx) = oneshot::channel();
         let task_seen = Arc::clone(&seen);
+        let task_closes = Arc::clone(&closes);
         let task_name = name.to_string();
         tokio::spawn(async move {
             loop {
@@ -111,8 +125,9 @@ impl WsBackend {
                     accepted = listener.accept() => {
                         let Ok((stream, peer)) = accepted else { break };
                         let seen = Arc::clone(&task_seen);
+                        let closes = Arc::clone(&task_closes);
                         let name = task_name.clone();
-                        tokio::spawn(serve(stream, peer, behavior, protocol, seen, name));
+                        tokio::spawn(serve(stream, peer, behavior, protocol, seen, closes, name));
                     }
                 }
             }
@@ -121,7 +136,23 @@ impl WsBackend {
             name: name.to_string(),
             addr,
             seen,
+            closes,
             stop: Some(stop_tx),
+        }
+    }
+
+    /// Waits (bounded) until the backend has received a close frame and returns its code.
+    pub async fn first_close(&self) -> u16 {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            if let Some(code) = self.closes.lock().unwrap().first() {
+                return *code;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "backend got no close frame"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -130,7 +161,12 @@ impl WsBackend {
     }
 
     pub fn last(&self) -> Seen {
-        self.seen.lock().unwrap().last().cloned().expect("backend saw a handshake")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("backend saw a handshake")
     }
 }
 
@@ -154,6 +190,7 @@ async fn serve(
     behavior: Behavior,
     protocol: Option<&'static str>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    closes: Arc<Mutex<Vec<u16>>>,
     name: String,
 ) {
     if behavior == Behavior::Mute {
@@ -189,12 +226,15 @@ async fn serve(
             .unwrap_or("");
         if let Some(p) = protocol {
             if offered.split(',').any(|o| o.trim() == p) {
-                resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(p));
+                resp.headers_mut()
+                    .insert("sec-websocket-protocol", HeaderValue::from_static(p));
             }
         }
         Ok(resp)
     };
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config())).await else {
+    let Ok(mut ws) =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config())).await
+    else {
         return;
     };
     if behavior == Behavior::Silent {
@@ -222,7 +262,11 @@ async fn serve(
                 let _ = ws.flush().await;
                 continue;
             }
-            Message::Close(_) => {
+            Message::Close(frame) => {
+                closes
+                    .lock()
+                    .unwrap()
+                    .push(frame.map_or(1005, |f| f.code.into()));
                 let _ = ws.flush().await;
                 continue;
             }
@@ -246,7 +290,11 @@ pub async fn connect(url: &str) -> Client {
 }
 
 /// Connects from a chosen loopback source address (for hashing by client address).
-pub async fn connect_from(source: IpAddr, gateway: SocketAddr, path: &str) -> WebSocketStream<TcpStream> {
+pub async fn connect_from(
+    source: IpAddr,
+    gateway: SocketAddr,
+    path: &str,
+) -> WebSocketStream<TcpStream> {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(source, 0)).unwrap();
     let stream = socket.connect(gateway).await.unwrap();
@@ -260,10 +308,17 @@ pub async fn connect_from(source: IpAddr, gateway: SocketAddr, path: &str) -> We
 
 /// The handshake error status for `url`, which must be refused.
 pub async fn refused_status(url: &str) -> (u16, String) {
-    match tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url)).await.expect("answer in time") {
+    match tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("answer in time")
+    {
         Ok(_) => panic!("{url}: expected a refused handshake"),
         Err(tungstenite::Error::Http(resp)) => {
-            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).to_string()).unwrap_or_default();
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).to_string())
+                .unwrap_or_default();
             (resp.status().as_u16(), body)
         }
         Err(e) => panic!("{url}: unexpected error {e}"),
@@ -294,8 +349,13 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     loop {
-        match tokio::time::timeout(STEP, ws.next()).await.expect("close in time") {
-            Some(Ok(Message::Close(Some(frame)))) => return (frame.code.into(), frame.reason.to_string()),
+        match tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("close in time")
+        {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (frame.code.into(), frame.reason.to_string());
+            }
             Some(Ok(Message::Close(None))) => return (1005, String::new()),
             Some(Ok(_)) => continue,
             Some(Err(e)) => panic!("error before close frame: {e}"),
@@ -304,16 +364,61 @@ where
     }
 }
 
-/// Sends a raw HTTP/1.1 request and returns (status, headers, body).
+/// Sends a raw HTTP/1.1 request and returns (status, head, body); the body is read by
+/// its Content-Length, or to the end of the connection without one.
 pub async fn http(addr: SocketAddr, request: &str) -> (u16, String, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(STEP, stream.read_to_end(&mut buf)).await.expect("response in time").unwrap();
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("complete head");
+    let split = loop {
+        if let Some(split) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break split;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(STEP, stream.read(&mut chunk))
+            .await
+            .expect("head in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed before a complete head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
     let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status code");
-    (status, head, buf[split + 4..].to_vec())
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    let mut body = buf[split + 4..].to_vec();
+    let length = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    });
+    match length {
+        Some(len) => {
+            while body.len() < len {
+                let mut chunk = vec![0u8; 65536];
+                let n = tokio::time::timeout(STEP, stream.read(&mut chunk))
+                    .await
+                    .expect("body in time")
+                    .unwrap();
+                assert!(n > 0, "connection closed inside the body");
+                body.extend_from_slice(&chunk[..n]);
+            }
+        }
+        None => {
+            tokio::time::timeout(STEP, stream.read_to_end(&mut body))
+                .await
+                .expect("body in time")
+                .unwrap();
+        }
+    }
+    (status, head, body)
 }
 
 /// The process's resident set size in bytes.

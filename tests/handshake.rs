@@ -1,0 +1,174 @@
+//! Upgrades: what the backend sees, which status each kind of failure answers, and
+//! failover to the next server.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_sees_forwarding_headers_and_the_clients_headers() {
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let mut request = format!("ws://{}/chat?room=7", addr(&gw))
+        .into_client_request()
+        .unwrap();
+    let h = request.headers_mut();
+    h.insert("host", "chat.example.com".parse().unwrap());
+    h.insert("origin", "https://chat.example.com".parse().unwrap());
+    h.insert("cookie", "session=abc".parse().unwrap());
+    h.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    h.insert(
+        "sec-websocket-extensions",
+        "permessage-deflate".parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ws.send(Message::text("x")).await.unwrap();
+    let _ = next_data(&mut ws).await;
+
+    let seen = backend.last();
+    let get = |k: &str| seen.headers.get(k).map(String::as_str);
+    assert_eq!(seen.path, "/chat?room=7");
+    assert_eq!(get("host"), Some("chat.example.com"));
+    assert_eq!(get("origin"), Some("https://chat.example.com"));
+    assert_eq!(get("cookie"), Some("session=abc"));
+    assert_eq!(get("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(get("x-real-ip"), Some("127.0.0.1"));
+    assert_eq!(get("x-forwarded-proto"), Some("http"));
+    assert_eq!(get("x-forwarded-host"), Some("chat.example.com"));
+    assert_eq!(
+        get("sec-websocket-extensions"),
+        None,
+        "extensions are per leg"
+    );
+    assert_eq!(get("upgrade"), Some("websocket"));
+    assert_eq!(get("sec-websocket-version"), Some("13"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_handshakes_get_400_426_and_404_with_a_reason() {
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(
+        &simple_config(1, "").replace("path = \"/\"", "path = \"/ws/\""),
+        &[backend.addr],
+    );
+    let a = addr(&gw);
+    let upgrade = |extra: &str| {
+        format!(
+            "GET /ws/x HTTP/1.1\r\nHost: {a}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n"
+        )
+    };
+    let (status, _, body) = http(a, &upgrade("Sec-WebSocket-Version: 13\r\n")).await;
+    assert_eq!(status, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("Sec-WebSocket-Key"),
+        "{body:?}"
+    );
+
+    let (status, head, _) = http(
+        a,
+        &upgrade("Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),
+    )
+    .await;
+    assert_eq!(status, 426);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{head}"
+    );
+
+    let (status, _, body) = http(
+        a,
+        &format!(
+            "POST /ws/x HTTP/1.1\r\nHost: {a}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nContent-Length: 0\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("GET"), "{body:?}");
+
+    let (status, body) = refused_status(&format!("ws://{a}/elsewhere")).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("no route"), "{body}");
+    assert_eq!(
+        backend.handshakes(),
+        0,
+        "no bad handshake reached the backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_refusal_passes_through_as_is() {
+    let backend = WsBackend::start("b", Behavior::Refuse(403)).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let (status, _) = refused_status(&format!("ws://{}/", addr(&gw))).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        backend.handshakes(),
+        1,
+        "a refusal is not retried elsewhere"
+    );
+}
+
+/// A port that refuses connections: bound once, then released.
+fn dead_port() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_server_is_skipped_for_the_next_one() {
+    let live = WsBackend::start("live", Behavior::Echo).await;
+    let gw = gateway(&simple_config(2, ""), &[dead_port(), live.addr]);
+    for _ in 0..4 {
+        let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+        ws.send(Message::text("whoami")).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text("live"));
+    }
+    assert_eq!(live.handshakes(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_servers_down_is_502() {
+    let gw = gateway(&simple_config(2, ""), &[dead_port(), dead_port()]);
+    let (status, body) = refused_status(&format!("ws://{}/", addr(&gw))).await;
+    assert_eq!(status, 502);
+    assert!(body.contains("no server could be reached"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_that_never_answers_the_upgrade_is_504_after_handshake_timeout() {
+    let mute = WsBackend::start("mute", Behavior::Mute).await;
+    let gw = gateway(
+        &simple_config(1, "handshake_timeout = \"300ms\""),
+        &[mute.addr],
+    );
+    let started = Instant::now();
+    let (status, _) = refused_status(&format!("ws://{}/", addr(&gw))).await;
+    assert_eq!(status, 504);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mute_server_is_followed_by_the_next_server() {
+    let mute = WsBackend::start("mute", Behavior::Mute).await;
+    let live = WsBackend::start("live", Behavior::Echo).await;
+    let gw = gateway(
+        &simple_config(2, "handshake_timeout = \"200ms\""),
+        &[mute.addr, live.addr],
+    );
+    for _ in 0..2 {
+        let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+        ws.send(Message::text("whoami")).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text("live"));
+    }
+}
