@@ -21,10 +21,8 @@ use crate::tunnel::{Ending, Registry};
 
 pub struct Supervisor {
     config: Arc<Config>,
-    generation: u64,
     shared: web::Data<Shared>,
     listeners: Vec<RunningListener>,
-    upstream_tls: Arc<rustls::ClientConfig>,
 }
 
 /// A listener as bound, for callers that asked for port 0.
@@ -78,10 +76,8 @@ impl Supervisor {
             routes = config.routes.len(), upstreams = config.upstreams.len(), "configuration loaded");
         let supervisor = Supervisor {
             config,
-            generation: 1,
             shared,
             listeners,
-            upstream_tls,
         };
         Ok((supervisor.start(), bound))
     }

@@ -44,10 +44,10 @@ impl Gate {
         self.0.queued.set(queued);
         // Resume the reader at half the limit, not at the limit, so it is not woken for
         // every frame while the leg is slow.
-        if queued <= self.0.high / 2 {
-            if let Some(waker) = self.0.blocked_reader.take() {
-                waker.wake();
-            }
+        if queued <= self.0.high / 2
+            && let Some(waker) = self.0.blocked_reader.take()
+        {
+            waker.wake();
         }
     }
 }

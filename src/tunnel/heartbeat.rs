@@ -81,28 +81,28 @@ impl Timers {
 
     /// The next event due at `now`, if any; call again until it returns `None`.
     pub fn on_wake(&mut self, now: Instant) -> Option<TimerEvent> {
-        if let Some(deadline) = self.pong_deadline {
-            if now >= deadline {
-                self.pong_deadline = None;
-                // The backend is checked first: when both legs are silent, the client is
-                // the one still worth a close frame telling it why.
-                for leg in [Leg::Backend, Leg::Client] {
-                    if !self.heard[leg as usize] {
-                        return Some(TimerEvent::Dead(leg));
-                    }
+        if let Some(deadline) = self.pong_deadline
+            && now >= deadline
+        {
+            self.pong_deadline = None;
+            // The backend is checked first: when both legs are silent, the client is the
+            // one still worth a close frame telling it why.
+            for leg in [Leg::Backend, Leg::Client] {
+                if !self.heard[leg as usize] {
+                    return Some(TimerEvent::Dead(leg));
                 }
             }
         }
-        if let (Some(check), Some(step)) = (self.next_idle_check, self.idle_step) {
-            if now >= check {
-                self.next_idle_check = Some(now + step);
-                if std::mem::take(&mut self.data_seen) {
-                    self.quiet_quarters = 0;
-                } else {
-                    self.quiet_quarters += 1;
-                    if self.quiet_quarters >= IDLE_QUARTERS {
-                        return Some(TimerEvent::Idle);
-                    }
+        if let (Some(check), Some(step)) = (self.next_idle_check, self.idle_step)
+            && now >= check
+        {
+            self.next_idle_check = Some(now + step);
+            if std::mem::take(&mut self.data_seen) {
+                self.quiet_quarters = 0;
+            } else {
+                self.quiet_quarters += 1;
+                if self.quiet_quarters >= IDLE_QUARTERS {
+                    return Some(TimerEvent::Idle);
                 }
             }
         }

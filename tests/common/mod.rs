@@ -184,6 +184,8 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(64 << 20))
 }
 
+// tungstenite's handshake callback must return its (large) error response by value.
+#[allow(clippy::result_large_err)]
 async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -224,11 +226,11 @@ async fn serve(
             .get("sec-websocket-protocol")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        if let Some(p) = protocol {
-            if offered.split(',').any(|o| o.trim() == p) {
-                resp.headers_mut()
-                    .insert("sec-websocket-protocol", HeaderValue::from_static(p));
-            }
+        if let Some(p) = protocol
+            && offered.split(',').any(|o| o.trim() == p)
+        {
+            resp.headers_mut()
+                .insert("sec-websocket-protocol", HeaderValue::from_static(p));
         }
         Ok(resp)
     };

@@ -1,0 +1,158 @@
+//! The binary as an operator runs it: `check`, `run`, `--version`, and SIGTERM.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("config.toml");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    path
+}
+
+#[test]
+fn check_accepts_the_shipped_config_and_names_the_place_of_an_error() {
+    let ok = Command::new(BIN)
+        .args([
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/config.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(": ok"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, "[[route]]\nupstream = \"nope\"\n");
+    let bad = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:2:12: route names upstream \"nope\"",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_refuses_a_missing_file_and_a_port_in_use() {
+    let missing = Command::new(BIN)
+        .args(["run", "-c", "/nonexistent/wsgate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/wsgate.toml"));
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!(
+            "[[listener]]\nname = \"web\"\nbind = \"{}\"\n[[route]]\nupstream = \"u\"\n[upstream.u]\nservers = [\"127.0.0.1:1\"]\n",
+            taken.local_addr().unwrap()
+        ),
+    );
+    let busy = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        stderr.contains("listener \"web\" cannot bind") && stderr.contains("in use"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_and_help() {
+    let version = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("wsgate {}", env!("CARGO_PKG_VERSION"))
+    );
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for cmd in ["run", "check", "demo"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+}
+
+/// A port that is free now (bound, then released) for a child process to take.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_every_client_1001_then_exits_0() {
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!(
+            "[gateway]\nworkers = 1\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n[[route]]\nupstream = \"u\"\n[upstream.u]\nservers = [\"{}\"]\n",
+            backend.addr
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + STEP;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(connect(&format!("ws://127.0.0.1:{port}/")).await);
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for ws in clients.iter_mut() {
+        assert_eq!(
+            close_code(ws).await,
+            (1001, "gateway shutting down".to_string())
+        );
+    }
+    let deadline = Instant::now() + STEP;
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "gateway did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+}
