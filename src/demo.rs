@@ -159,8 +159,8 @@ pub async fn run(listen: SocketAddr) -> Result<(), DemoError> {
     ];
     let text = config(listen, [backends[0].addr, backends[1].addr]);
     let config = crate::config::parse(&text, "<embedded demo config>")?;
-    let (supervisor, bound) = Supervisor::start(config)?;
-    let gateway = bound.first().map_or(listen, |l| l.addr);
+    let started = Supervisor::start(config, None)?;
+    let gateway = started.listeners.first().map_or(listen, |l| l.addr);
     println!("wsgate demo is running.");
     println!(
         "  backends:  {} ({}), {} ({})",
@@ -170,7 +170,7 @@ pub async fn run(listen: SocketAddr) -> Result<(), DemoError> {
     println!("  websocket: ws://{gateway}/ws  (e.g. `websocat ws://{gateway}/ws`)");
     println!("Press Ctrl-C to stop.");
     crate::stop_signal().await;
-    let _ = supervisor.send(Shutdown).await;
+    let _ = started.supervisor.send(Shutdown).await;
     for backend in backends {
         backend.stop().await;
     }

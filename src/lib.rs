@@ -10,6 +10,7 @@
 //! - [`listener`]: one actix-web server per `[[listener]]`.
 //! - [`proxy`]: the request path: route, then WebSocket upgrade or plain HTTP forwarding.
 //! - [`tunnel`]: one actor per WebSocket connection relaying frames between its legs.
+//! - [`watcher`]: the actor that watches the configuration file and asks for reloads.
 //! - [`demo`]: built-in echo backends for `wsgate demo`.
 //!
 //! # Lexicon
@@ -33,8 +34,10 @@ pub mod snapshot;
 pub mod supervisor;
 pub mod telemetry;
 pub mod tunnel;
+pub mod watcher;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
@@ -66,10 +69,11 @@ pub async fn stop_signal() {
 
 /// Runs the gateway on the current actix system until SIGINT/SIGTERM, then shuts down
 /// gracefully.
-pub async fn run(config: Config) -> Result<(), BindError> {
-    let (supervisor, _) = Supervisor::start(config)?;
+/// With a `path`, the file is watched and reloaded on change and on SIGHUP.
+pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), BindError> {
+    let started = Supervisor::start(config, path)?;
     stop_signal().await;
-    let _ = supervisor.send(Shutdown).await;
+    let _ = started.supervisor.send(Shutdown).await;
     Ok(())
 }
 
@@ -77,23 +81,32 @@ pub async fn run(config: Config) -> Result<(), BindError> {
 /// Dropping it shuts the gateway down gracefully and joins the thread.
 pub struct GatewayThread {
     pub listeners: Vec<BoundListener>,
+    shared: actix_web::web::Data<proxy::Shared>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl GatewayThread {
     pub fn spawn(config: Config) -> Result<GatewayThread, BindError> {
+        Self::spawn_watching(config, None)
+    }
+
+    /// Like [`GatewayThread::spawn`], reloading from `path` when it changes.
+    pub fn spawn_watching(
+        config: Config,
+        path: Option<PathBuf>,
+    ) -> Result<GatewayThread, BindError> {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("wsgate-system".into())
             .spawn(move || {
                 actix_rt::System::new().block_on(async move {
-                    match Supervisor::start(config) {
-                        Ok((supervisor, bound)) => {
-                            let _ = started_tx.send(Ok(bound));
+                    match Supervisor::start(config, path) {
+                        Ok(started) => {
+                            let _ = started_tx.send(Ok((started.listeners, started.shared)));
                             let _ = stop_rx.await;
-                            let _ = supervisor.send(Shutdown).await;
+                            let _ = started.supervisor.send(Shutdown).await;
                         }
                         Err(err) => {
                             let _ = started_tx.send(Err(err));
@@ -114,8 +127,9 @@ impl GatewayThread {
             })
         });
         match started {
-            Ok(listeners) => Ok(GatewayThread {
+            Ok((listeners, shared)) => Ok(GatewayThread {
                 listeners,
+                shared,
                 stop: Some(stop_tx),
                 thread: Some(thread),
             }),
@@ -124,6 +138,11 @@ impl GatewayThread {
                 Err(err)
             }
         }
+    }
+
+    /// The state the gateway's workers share (snapshot, tunnels, reload counters).
+    pub fn shared(&self) -> &proxy::Shared {
+        &self.shared
     }
 
     /// The bound address of the listener called `name`.

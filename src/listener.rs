@@ -15,6 +15,9 @@ use crate::proxy::{self, ListenerInfo, Shared, UpstreamClients};
 /// gateway at 50,000 sockets; tunnels are capped by the open-file limit instead.
 const MAX_CONNECTIONS_PER_WORKER: usize = 1 << 20;
 
+/// How long a retired listener's workers wait for its tunnels (a year: until they close).
+const RETIRED_LISTENER_GRACE_SECS: u64 = 365 * 24 * 3600;
+
 /// A bound, running listener.
 pub struct RunningListener {
     pub config: ListenerConfig,
@@ -31,21 +34,42 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
-/// Binds the listener and starts serving on `workers` worker threads.
-pub fn start(
-    config: &ListenerConfig,
-    workers: usize,
-    shared: web::Data<Shared>,
-    upstream_tls: Arc<rustls::ClientConfig>,
-) -> Result<RunningListener, BindError> {
+/// A listening socket not yet served: binding is split from serving so a reload can bind
+/// every new listener (and fail as a whole) before anything else changes.
+pub struct BoundSocket {
+    config: ListenerConfig,
+    socket: std::net::TcpListener,
+    pub local_addr: SocketAddr,
+}
+
+/// Binds the listener's address.
+pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, BindError> {
     let bind_error = |source| BindError {
         name: config.name.clone(),
         bind: config.bind,
         source,
     };
-    // Bound here rather than by actix so that "address in use" is an error we return.
     let socket = std::net::TcpListener::bind(config.bind).map_err(bind_error)?;
     let local_addr = socket.local_addr().map_err(bind_error)?;
+    Ok(BoundSocket {
+        config: config.clone(),
+        socket,
+        local_addr,
+    })
+}
+
+/// Starts serving a bound socket on `workers` worker threads of its own.
+pub fn serve(
+    bound: BoundSocket,
+    workers: usize,
+    shared: web::Data<Shared>,
+    upstream_tls: Arc<rustls::ClientConfig>,
+) -> Result<RunningListener, BindError> {
+    let BoundSocket {
+        config,
+        socket,
+        local_addr,
+    } = bound;
     let info = ListenerInfo {
         name: Arc::from(config.name.as_str()),
         proto: "http",
@@ -68,13 +92,20 @@ pub fn start(
     // once instead of lingering for the client to do it: RFC 6455 §7.1.1 wants the server
     // to close first, and a client waiting for that would otherwise wait actix's 1 s.
     .client_disconnect_timeout(Duration::ZERO)
+    // A listener removed by a reload stops accepting but its tunnels live on until they
+    // close; the supervisor ends them itself at shutdown.
+    .shutdown_timeout(RETIRED_LISTENER_GRACE_SECS)
     .listen(socket)
-    .map_err(bind_error)?
+    .map_err(|source| BindError {
+        name: config.name.clone(),
+        bind: config.bind,
+        source,
+    })?
     .run();
     let handle = server.handle();
     actix_rt::spawn(server);
     Ok(RunningListener {
-        config: config.clone(),
+        config,
         local_addr,
         handle,
     })

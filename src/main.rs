@@ -33,14 +33,15 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config: path } => {
-            let config = match config::load(&config::absolute_path(&path)) {
+            let path = config::absolute_path(&path);
+            let config = match config::load(&path) {
                 Ok(config) => config,
                 Err(err) => {
                     eprintln!("{err}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            match actix_rt::System::new().block_on(wsgate::run(config)) {
+            match actix_rt::System::new().block_on(wsgate::run(config, Some(path))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("{err}");

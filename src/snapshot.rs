@@ -40,7 +40,8 @@ impl Snapshot {
                         .pools
                         .values()
                         .flat_map(|p| p.servers.iter())
-                        .find(|s| s.config == *server)
+                        // By address: a new weight keeps the server and its counters.
+                        .find(|s| s.config.addr == server.addr)
                         .cloned()
                 })),
             };

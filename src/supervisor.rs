@@ -2,27 +2,38 @@
 //! snapshot, and is the only place they change (start, reload, shutdown).
 //!
 //! Workers never message it per request: they read the snapshot it publishes through
-//! [`Shared`]. It lives on the main actix system thread.
+//! [`Shared`]. It lives on the main actix system thread. A reload is
+//! read → parse → validate → diff → apply; any failure leaves everything as it was.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, Context, Handler, Message, ResponseActFuture, WrapFuture};
+use actix::{Actor, AsyncContext, Context, Handler, Message, ResponseActFuture, WrapFuture};
 use actix_web::web;
-use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
 
-use crate::config::Config;
+use crate::config::diff::{self, Change};
+use crate::config::{self, Config};
 use crate::listener::{self, BindError, RunningListener};
 use crate::proxy::Shared;
 use crate::proxy::upstream_client;
 use crate::snapshot::Snapshot;
-use crate::tunnel::{Ending, Registry};
+use crate::tunnel::Ending;
+use crate::watcher::FileWatcher;
 
 pub struct Supervisor {
     config: Arc<Config>,
+    /// The file to reload from; `None` for an embedded configuration.
+    path: Option<PathBuf>,
     shared: web::Data<Shared>,
     listeners: Vec<RunningListener>,
+    /// Listeners a reload removed: not accepting, serving their last tunnels.
+    retired: Vec<RunningListener>,
+    upstream_tls: Arc<rustls::ClientConfig>,
+    watcher: Option<actix::Addr<FileWatcher>>,
 }
 
 /// A listener as bound, for callers that asked for port 0.
@@ -32,35 +43,35 @@ pub struct BoundListener {
     pub addr: SocketAddr,
 }
 
+/// What [`Supervisor::start`] hands back.
+pub struct Started {
+    pub supervisor: actix::Addr<Supervisor>,
+    pub listeners: Vec<BoundListener>,
+    pub shared: web::Data<Shared>,
+}
+
 impl Supervisor {
-    /// Binds every listener of `config` and publishes its first snapshot. Call inside an
-    /// actix system.
-    pub fn start(
-        config: Config,
-    ) -> Result<(actix::Addr<Supervisor>, Vec<BoundListener>), BindError> {
+    /// Binds every listener of `config`, publishes its first snapshot and, with a `path`,
+    /// watches that file for changes. Call inside an actix system.
+    pub fn start(config: Config, path: Option<PathBuf>) -> Result<Started, BindError> {
         crate::install_crypto_provider();
         let config = Arc::new(config);
-        let shared = web::Data::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), 1, None)),
-            registry: Arc::new(Registry::default()),
-        });
+        let shared = web::Data::new(Shared::new(Snapshot::build(Arc::clone(&config), 1, None)));
         let upstream_tls = upstream_client::default_tls();
-        let mut listeners = Vec::with_capacity(config.listeners.len());
+        let mut bound = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
-            match listener::start(
-                l,
+            bound.push(listener::bind(l)?);
+        }
+        let mut listeners = Vec::with_capacity(bound.len());
+        for socket in bound {
+            let running = listener::serve(
+                socket,
                 config.gateway.workers,
                 shared.clone(),
                 Arc::clone(&upstream_tls),
-            ) {
-                Ok(running) => listeners.push(running),
-                Err(err) => {
-                    for started in &listeners {
-                        drop(started.handle.stop(false));
-                    }
-                    return Err(err);
-                }
-            }
+            )?;
+            tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
+            listeners.push(running);
         }
         let bound = listeners
             .iter()
@@ -69,22 +80,185 @@ impl Supervisor {
                 addr: l.local_addr,
             })
             .collect();
-        for l in &listeners {
-            tracing::info!(listener = %l.config.name, addr = %l.local_addr, "listening");
-        }
         tracing::info!(generation = 1, sha256 = %config.source.sha256, path = %config.source.path,
             routes = config.routes.len(), upstreams = config.upstreams.len(), "configuration loaded");
         let supervisor = Supervisor {
             config,
-            shared,
+            path,
+            shared: shared.clone(),
             listeners,
+            retired: Vec::new(),
+            upstream_tls,
+            watcher: None,
         };
-        Ok((supervisor.start(), bound))
+        Ok(Started {
+            supervisor: supervisor.start(),
+            listeners: bound,
+            shared,
+        })
+    }
+
+    fn reject(&self, problem: &dyn std::fmt::Display) {
+        self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            generation = self.shared.generation(),
+            "reload rejected, configuration unchanged: {problem}"
+        );
+    }
+
+    fn reload(&mut self, trigger: &str) {
+        let Some(path) = self.path.clone() else {
+            tracing::warn!(
+                trigger,
+                "reload asked for, but the configuration is embedded"
+            );
+            return;
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) => return self.reject(&format!("{}: cannot read: {err}", path.display())),
+        };
+        // Reading the file fires events of its own, and editors write twice: the same
+        // bytes are no change.
+        if format!("{:x}", Sha256::digest(text.as_bytes())) == self.config.source.sha256 {
+            tracing::debug!(trigger, "configuration file unchanged");
+            return;
+        }
+        let new = match config::parse(&text, &path.display().to_string()) {
+            Ok(new) => Arc::new(new),
+            Err(err) => return self.reject(&err),
+        };
+        let changes = diff::diff(&self.config, &new);
+        if let Err(err) = self.apply(&new, &changes) {
+            return self.reject(&err);
+        }
+        let generation = self.shared.generation();
+        tracing::info!(generation, sha256 = %new.source.sha256, trigger,
+            changes = %diff::summary(&changes), "configuration applied");
+        self.drain(&changes, &new);
+        self.config = new;
+    }
+
+    /// Binds what is new, then publishes the snapshot, then retires what is gone. Only
+    /// binding can fail, and it happens before anything changes.
+    fn apply(&mut self, new: &Arc<Config>, changes: &[Change]) -> Result<(), BindError> {
+        let mut bound = Vec::new();
+        for change in changes {
+            if let Change::ListenerAdded(name) | Change::ListenerRebound(name) = change
+                && let Some(l) = new.listeners.iter().find(|l| &l.name == name)
+            {
+                // A listener taking over the exact address of one this reload removes fails
+                // here: the old socket is still open, and closing it first could not be undone
+                // if the reload is then rejected. Such a move takes two reloads.
+                bound.push(listener::bind(l)?);
+            }
+        }
+        let generation = self.shared.generation() + 1;
+        let previous = self.shared.snapshot.load_full();
+        self.shared.snapshot.store(Arc::new(Snapshot::build(
+            Arc::clone(new),
+            generation,
+            Some(&previous),
+        )));
+        for change in changes {
+            if let Change::ListenerRemoved(name) | Change::ListenerRebound(name) = change {
+                self.retire_if(|old| old.config.name == *name);
+            }
+        }
+        for socket in bound {
+            // The socket is bound; serving it only fails if the OS refuses to listen.
+            let running = listener::serve(
+                socket,
+                new.gateway.workers,
+                self.shared.clone(),
+                Arc::clone(&self.upstream_tls),
+            )?;
+            tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
+            self.listeners.push(running);
+        }
+        Ok(())
+    }
+
+    /// Stops accepting on the listeners that match; their live tunnels carry on.
+    fn retire_if(&mut self, matches: impl Fn(&RunningListener) -> bool) {
+        let (gone, kept): (Vec<_>, Vec<_>) = self.listeners.drain(..).partition(|l| matches(l));
+        self.listeners = kept;
+        for l in gone {
+            tracing::info!(listener = %l.config.name, addr = %l.local_addr, "listener retired");
+            // Graceful stop: the socket closes now, the workers finish their connections.
+            drop(l.handle.stop(true));
+            self.retired.push(l);
+        }
+    }
+
+    /// Schedules the tunnels of servers that left their pool to close, if the upstream
+    /// asks for draining.
+    fn drain(&self, changes: &[Change], new: &Config) {
+        for change in changes {
+            let Change::ServerRemoved { upstream, server } = change else {
+                continue;
+            };
+            let settings = new
+                .upstreams
+                .get(upstream)
+                .or_else(|| self.config.upstreams.get(upstream));
+            let Some(settings) = settings.filter(|u| !u.drain_timeout.is_zero()) else {
+                continue;
+            };
+            let n = self.shared.registry.drain(
+                upstream,
+                server,
+                settings.drain_timeout,
+                settings.drain_spread,
+            );
+            tracing::info!(upstream, server, tunnels = n, timeout = ?settings.drain_timeout,
+                spread = ?settings.drain_spread, "draining tunnels of a removed server");
+        }
     }
 }
 
 impl Actor for Supervisor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(path) = &self.path {
+            match FileWatcher::start(path, ctx.address().recipient()) {
+                Ok(watcher) => self.watcher = Some(watcher),
+                Err(err) => {
+                    tracing::warn!("not watching {}: {err}; reload with SIGHUP", path.display())
+                }
+            }
+        }
+        let supervisor = ctx.address();
+        actix_rt::spawn(async move {
+            let Ok(mut hangup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hangup.recv().await.is_some() {
+                if supervisor.try_send(Reload { trigger: "SIGHUP" }).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Re-read the configuration file.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Reload {
+    /// What asked: the file watcher or SIGHUP (for the log).
+    pub trigger: &'static str,
+}
+
+impl Handler<Reload> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reload, _: &mut Self::Context) {
+        self.reload(msg.trigger);
+    }
 }
 
 /// Graceful shutdown: stop accepting, send every tunnel a 1001 close, wait for the close
@@ -97,7 +271,13 @@ impl Handler<Shutdown> for Supervisor {
     type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
-        let handles: Vec<_> = self.listeners.iter().map(|l| l.handle.clone()).collect();
+        self.watcher = None;
+        let handles: Vec<_> = self
+            .listeners
+            .iter()
+            .chain(self.retired.iter())
+            .map(|l| l.handle.clone())
+            .collect();
         let registry = Arc::clone(&self.shared.registry);
         let deadline = Instant::now() + self.config.gateway.shutdown_timeout;
         tracing::info!(tunnels = registry.len(), "shutting down");

@@ -43,6 +43,16 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time graceful shutdown waits for tunnels to finish their close handshakes.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Tunnels to a server removed from its pool stay until they close by themselves (zero):
+/// a reload never cuts users off unless the operator asks for it.
+pub const DRAIN_TIMEOUT: Duration = Duration::ZERO;
+
+/// Drained tunnels are closed all at once unless a spread is set.
+pub const DRAIN_SPREAD: Duration = Duration::ZERO;
+
+/// Editors write a file in several steps; events closer than this are one change.
+pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(100);
+
 /// Points per unit of weight on the consistent-hash ring: nginx's value, so the ring is
 /// the one nginx's `hash $remote_addr consistent` builds.
 pub const KETAMA_POINTS_PER_WEIGHT: u32 = 160;

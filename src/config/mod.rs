@@ -9,6 +9,7 @@
 //! [`defaults`]. Every error names `file:line:column` and the problem.
 
 pub mod defaults;
+pub mod diff;
 mod raw;
 
 use std::collections::{BTreeMap, HashSet};
@@ -135,6 +136,11 @@ pub struct UpstreamConfig {
     pub name: String,
     pub balance: Balance,
     pub servers: Vec<ServerConfig>,
+    /// When a reload removes a server, its tunnels are closed (1012) this long after the
+    /// reload; zero keeps them until they close by themselves.
+    pub drain_timeout: Duration,
+    /// Those closes are spread uniformly, with jitter, over this long after `drain_timeout`.
+    pub drain_spread: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -531,6 +537,8 @@ impl Validator<'_> {
             name: name.to_string(),
             balance,
             servers,
+            drain_timeout: raw.drain_timeout.map_or(defaults::DRAIN_TIMEOUT, |d| d.0),
+            drain_spread: raw.drain_spread.map_or(defaults::DRAIN_SPREAD, |d| d.0),
         })
     }
 }

@@ -170,6 +170,8 @@ pub struct RawUpstream {
     pub balance: Option<Spanned<String>>,
     pub hash_key: Option<Spanned<String>>,
     pub servers: Spanned<Vec<Spanned<RawServer>>>,
+    pub drain_timeout: Option<HumanDuration>,
+    pub drain_spread: Option<HumanDuration>,
 }
 
 /// A server: `"host:port"` or `{ addr = "host:port", weight = 2 }`.

@@ -143,6 +143,8 @@ mod tests {
                     }
                 })
                 .collect(),
+            drain_timeout: std::time::Duration::ZERO,
+            drain_spread: std::time::Duration::ZERO,
         })
     }
 

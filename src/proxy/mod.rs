@@ -10,6 +10,7 @@ mod websocket;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -26,6 +27,23 @@ use crate::tunnel::Registry;
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub registry: Arc<Registry>,
+    /// Reloads that failed (bad file, bind error); the running config stayed.
+    pub reloads_rejected: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(snapshot: Snapshot) -> Shared {
+        Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            registry: Arc::new(Registry::default()),
+            reloads_rejected: AtomicU64::new(0),
+        }
+    }
+
+    /// The generation of the configuration in effect.
+    pub fn generation(&self) -> u64 {
+        self.snapshot.load().generation
+    }
 }
 
 /// Which listener accepted the request.

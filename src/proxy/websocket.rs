@@ -153,6 +153,7 @@ fn upgrade(
         TunnelParams {
             settings,
             registry: Arc::clone(&shared.registry),
+            upstream: Arc::from(matched.route.config.upstream.as_str()),
             client_addr: req.peer_addr().map_or_else(String::new, |a| a.to_string()),
             route: matched.route.label.clone(),
         },

@@ -2,7 +2,7 @@
 //! [`Timers`] and carries out what they decide.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::io::{SinkWrite, WriteHandler};
 use actix::{
@@ -36,15 +36,20 @@ pub struct BackendLeg {
 pub struct TunnelParams {
     pub settings: TunnelSettings,
     pub registry: Arc<Registry>,
+    /// The upstream the server was picked from (draining is per upstream).
+    pub upstream: Arc<str>,
     /// For logs: who is on each end.
     pub client_addr: String,
     pub route: String,
 }
 
-/// Ends a tunnel from outside (shutdown, draining).
+/// Ends a tunnel from outside (shutdown, draining), at once or `after` a delay.
 #[derive(ActixMessage, Debug, Clone, Copy)]
 #[rtype(result = "()")]
-pub struct End(pub Ending);
+pub struct End {
+    pub ending: Ending,
+    pub after: Duration,
+}
 
 pub struct Tunnel {
     client: SinkWrite<Message, GatedSink<Session>>,
@@ -67,6 +72,7 @@ pub struct Tunnel {
     close_deadline_armed: bool,
     lease: ServerLease,
     registry: Arc<Registry>,
+    upstream: Arc<str>,
     entry: Option<RegistryEntry>,
     client_addr: String,
     route: String,
@@ -109,6 +115,7 @@ impl Tunnel {
                 close_deadline_armed: false,
                 lease: backend.lease,
                 registry: params.registry,
+                upstream: params.upstream,
                 entry: None,
                 client_addr: params.client_addr,
                 route: params.route,
@@ -283,7 +290,11 @@ impl Actor for Tunnel {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.entry = Some(self.registry.insert(ctx.address().recipient()));
+        self.entry = Some(self.registry.insert(
+            Arc::clone(&self.upstream),
+            Arc::clone(self.lease.server()),
+            ctx.address().recipient(),
+        ));
         self.arm_timer(ctx);
     }
 
@@ -396,6 +407,10 @@ impl Handler<End> for Tunnel {
     type Result = ();
 
     fn handle(&mut self, msg: End, ctx: &mut Self::Context) {
-        self.end(msg.0, ctx);
+        if msg.after.is_zero() {
+            self.end(msg.ending, ctx);
+        } else {
+            ctx.run_later(msg.after, move |act, ctx| act.end(msg.ending, ctx));
+        }
     }
 }

@@ -14,12 +14,15 @@ pub mod relay;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use actix::Recipient;
 use dashmap::DashMap;
 
 pub use actor::{BackendLeg, End, Tunnel, TunnelParams};
 pub use relay::Ending;
+
+use crate::pool::Server;
 
 /// One side of a tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,11 +40,19 @@ impl Leg {
     }
 }
 
+/// A live tunnel as the registry lists it.
+#[derive(Debug)]
+struct Entry {
+    upstream: Arc<str>,
+    server: Arc<Server>,
+    tunnel: Recipient<End>,
+}
+
 /// Every live tunnel, reachable from any thread (shutdown, draining).
 #[derive(Debug, Default)]
 pub struct Registry {
     next_id: AtomicU64,
-    tunnels: DashMap<u64, Recipient<End>>,
+    tunnels: DashMap<u64, Entry>,
 }
 
 impl Registry {
@@ -55,14 +66,57 @@ impl Registry {
 
     /// Asks every live tunnel to end with `ending`.
     pub fn end_all(&self, ending: Ending) {
-        for tunnel in self.tunnels.iter() {
-            tunnel.value().do_send(End(ending));
+        for entry in self.tunnels.iter() {
+            entry.tunnel.do_send(End {
+                ending,
+                after: Duration::ZERO,
+            });
         }
     }
 
-    fn insert(self: &Arc<Self>, tunnel: Recipient<End>) -> RegistryEntry {
+    /// Closes (1012) the tunnels that `upstream` sent to `server`: the first after
+    /// `timeout`, the others spread uniformly with jitter over the following `spread`, so
+    /// their clients do not reconnect in one burst. Returns how many were scheduled.
+    pub fn drain(
+        &self,
+        upstream: &str,
+        server: &str,
+        timeout: Duration,
+        spread: Duration,
+    ) -> usize {
+        let targets: Vec<Recipient<End>> = self
+            .tunnels
+            .iter()
+            .filter(|e| &*e.upstream == upstream && e.server.config.addr == server)
+            .map(|e| e.tunnel.clone())
+            .collect();
+        let n = targets.len();
+        for (i, tunnel) in targets.into_iter().enumerate() {
+            // Slot i of n, at a random point inside its slot.
+            let share = (i as f64 + fastrand::f64()) / n as f64;
+            tunnel.do_send(End {
+                ending: Ending::Drained,
+                after: timeout + spread.mul_f64(share),
+            });
+        }
+        n
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        upstream: Arc<str>,
+        server: Arc<Server>,
+        tunnel: Recipient<End>,
+    ) -> RegistryEntry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.tunnels.insert(id, tunnel);
+        self.tunnels.insert(
+            id,
+            Entry {
+                upstream,
+                server,
+                tunnel,
+            },
+        );
         RegistryEntry {
             id,
             registry: Arc::clone(self),
