@@ -82,6 +82,15 @@ impl Supervisor {
             .collect();
         tracing::info!(generation = 1, sha256 = %config.source.sha256, path = %config.source.path,
             routes = config.routes.len(), upstreams = config.upstreams.len(), "configuration loaded");
+        // The watcher is in place before this returns, so no edit made after start is missed.
+        let ctx = Context::<Supervisor>::new();
+        let watcher = path.as_ref().and_then(|path| {
+            FileWatcher::start(path, ctx.address().recipient())
+                .map_err(|err| {
+                    tracing::warn!("not watching {}: {err}; reload with SIGHUP", path.display())
+                })
+                .ok()
+        });
         let supervisor = Supervisor {
             config,
             path,
@@ -89,10 +98,10 @@ impl Supervisor {
             listeners,
             retired: Vec::new(),
             upstream_tls,
-            watcher: None,
+            watcher,
         };
         Ok(Started {
-            supervisor: supervisor.start(),
+            supervisor: ctx.run(supervisor),
             listeners: bound,
             shared,
         })
@@ -221,14 +230,6 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        if let Some(path) = &self.path {
-            match FileWatcher::start(path, ctx.address().recipient()) {
-                Ok(watcher) => self.watcher = Some(watcher),
-                Err(err) => {
-                    tracing::warn!("not watching {}: {err}; reload with SIGHUP", path.display())
-                }
-            }
-        }
         let supervisor = ctx.address();
         actix_rt::spawn(async move {
             let Ok(mut hangup) =

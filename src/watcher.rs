@@ -5,25 +5,31 @@
 //! rename or symlink swap, which a watch on the file's inode would miss) and, in addition,
 //! the file itself (a single-file bind mount shows in-place writes only there). Bursts of
 //! events are debounced into one report; reads (`Access` events) are ignored, or reading
-//! the file would trigger the next reload forever.
+//! the file would trigger the next reload forever. (notify-debouncer-full was tried and
+//! dropped: with the file itself watched as a root it lost rename-replace events.)
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use actix::{Actor, Addr, Context, Recipient};
-use notify::{EventKind, RecursiveMode};
-use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
+use actix::{Actor, Addr, AsyncContext, Context, Handler, Message, Recipient, SpawnHandle};
+use notify::event::ModifyKind;
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
 use crate::config::defaults::WATCH_DEBOUNCE;
 use crate::supervisor::Reload;
 
 pub struct FileWatcher {
-    _debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
+    path: PathBuf,
+    watcher: RecommendedWatcher,
+    supervisor: Recipient<Reload>,
+    /// The pending report, pushed back by every new event (the debounce).
+    pending: Option<SpawnHandle>,
 }
 
-impl Actor for FileWatcher {
-    type Context = Context<Self>;
-}
+/// Something happened to the file or its directory (from notify's thread).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Touched;
 
 /// Whether a change to `changed` can change the configuration file `name`: the file itself,
 /// or the `..data` symlink a Kubernetes ConfigMap mount swaps on update.
@@ -35,33 +41,62 @@ fn concerns(changed: &Path, name: &OsString) -> bool {
 
 impl FileWatcher {
     /// Starts watching `path` (its directory and the file), reporting to `supervisor`.
+    /// The watches are in place when this returns.
     pub fn start(path: &Path, supervisor: Recipient<Reload>) -> notify::Result<Addr<FileWatcher>> {
         let path: PathBuf = crate::config::absolute_path(path);
         let name = path.file_name().map(OsString::from).unwrap_or_default();
         let dir = path
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        let mut debouncer =
-            new_debouncer(WATCH_DEBOUNCE, None, move |result: DebounceEventResult| {
-                let Ok(events) = result else { return };
-                let relevant = events.iter().any(|event| {
-                    !matches!(event.kind, EventKind::Access(_))
-                        && event.paths.iter().any(|p| concerns(p, &name))
-                });
-                if relevant {
-                    supervisor.do_send(Reload {
-                        trigger: "file watcher",
-                    });
-                }
-            })?;
-        debouncer.watch(&dir, RecursiveMode::NonRecursive)?;
-        // Best effort: the directory watch is what matters; the file may not exist yet.
-        let _ = debouncer.watch(&path, RecursiveMode::NonRecursive);
+        // The context first, so notify's callback can hold the actor's address.
+        let ctx = Context::<FileWatcher>::new();
+        let me = ctx.address();
+        let handler = move |result: notify::Result<notify::Event>| {
+            let Ok(event) = result else { return };
+            // Reads (ours included) and metadata changes (atime, chmod) change no content.
+            let content = !matches!(
+                event.kind,
+                EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
+            );
+            if content && event.paths.iter().any(|p| concerns(p, &name)) {
+                me.do_send(Touched);
+            }
+        };
+        let mut watcher = notify::recommended_watcher(handler)?;
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        // The file too: a single-file bind mount shows in-place writes only there. It may
+        // not exist yet; it is watched again after every change.
+        let _ = watcher.watch(&path, RecursiveMode::NonRecursive);
         tracing::info!(path = %path.display(), "watching the configuration file");
-        Ok(FileWatcher {
-            _debouncer: debouncer,
+        Ok(ctx.run(FileWatcher {
+            path,
+            watcher,
+            supervisor,
+            pending: None,
+        }))
+    }
+}
+
+impl Actor for FileWatcher {
+    type Context = Context<Self>;
+}
+
+impl Handler<Touched> for FileWatcher {
+    type Result = ();
+
+    fn handle(&mut self, _: Touched, ctx: &mut Self::Context) {
+        if let Some(pending) = self.pending.take() {
+            ctx.cancel_future(pending);
         }
-        .start())
+        self.pending = Some(ctx.run_later(WATCH_DEBOUNCE, |act, _| {
+            act.pending = None;
+            // A rename-replace drops the watch on the old file: watch the new one.
+            let _ = act.watcher.unwatch(&act.path);
+            let _ = act.watcher.watch(&act.path, RecursiveMode::NonRecursive);
+            act.supervisor.do_send(Reload {
+                trigger: "file watcher",
+            });
+        }));
     }
 }
 
@@ -77,5 +112,49 @@ mod tests {
         assert!(concerns(Path::new("/etc/wsgate/..data_tmp"), &name));
         assert!(!concerns(Path::new("/etc/wsgate/other.toml"), &name));
         assert!(!concerns(Path::new("/etc/wsgate/.config.toml.swp"), &name));
+    }
+}
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counter(Arc<AtomicUsize>);
+    impl Actor for Counter {
+        type Context = Context<Self>;
+    }
+    impl actix::Handler<Reload> for Counter {
+        type Result = ();
+        fn handle(&mut self, _: Reload, _: &mut Self::Context) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[actix_rt::test]
+    async fn reports_in_place_writes_and_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "a").unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = Counter(Arc::clone(&count)).start();
+        let _watcher = FileWatcher::start(&path, counter.recipient()).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        std::fs::write(&path, "b").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        assert_eq!(count.load(Ordering::SeqCst), 1, "in-place write");
+        let tmp = dir.path().join(".config.toml.tmp");
+        std::fs::write(&tmp, "c").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        assert_eq!(count.load(Ordering::SeqCst), 2, "rename over");
+        std::fs::write(&path, "d").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            3,
+            "in-place write after a rename"
+        );
     }
 }

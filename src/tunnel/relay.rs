@@ -129,8 +129,17 @@ impl Ending {
     pub fn from_protocol_error(leg: Leg, err: &ProtocolError) -> Ending {
         match err {
             ProtocolError::Overflow => Ending::TooBig(leg),
-            ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            // actix-ws reports invalid UTF-8 as an I/O error wrapping the `Utf8Error`; other
+            // `InvalidData` errors (reserved bits set, ...) are protocol errors.
+            ProtocolError::Io(io)
+                if io
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<std::str::Utf8Error>()) =>
+            {
                 Ending::BadUtf8(leg)
+            }
+            ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+                Ending::Protocol(leg)
             }
             ProtocolError::Io(_) => Ending::Vanished(leg),
             _ => Ending::Protocol(leg),
@@ -410,6 +419,22 @@ mod tests {
         assert_eq!(
             Ending::from_protocol_error(Leg::Client, &ProtocolError::Overflow),
             Ending::TooBig(Leg::Client)
+        );
+        let invalid = vec![0xffu8];
+        let utf8 = std::str::from_utf8(&invalid).unwrap_err();
+        let bad_text =
+            ProtocolError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, utf8));
+        assert_eq!(
+            Ending::from_protocol_error(Leg::Client, &bad_text),
+            Ending::BadUtf8(Leg::Client)
+        );
+        let rsv = ProtocolError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "Received a frame with non-zero reserved bits",
+        ));
+        assert_eq!(
+            Ending::from_protocol_error(Leg::Client, &rsv),
+            Ending::Protocol(Leg::Client)
         );
     }
 }
