@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# wsgate's benchmark: wsgate, nginx and HAProxy (Debian packages) side by side in front of
+# the same echo backend, each proxy pinned to one core, one table with ratios to nginx.
+#
+#   bench/run.sh              # full run (~6 min)
+#   QUICK=1 bench/run.sh      # smoke run (~2 min)
+#   CONTENDERS=nginx,haproxy,caddy bench/run.sh   # add Caddy (needs the caddy package)
+#
+# Every other setting of the harness (bench/harness/README.md) passes through the
+# environment. Results go to $RUN_DIR (printed at the start): report.md and results.jsonl.
+set -euo pipefail
+{
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/.." && pwd)"
+
+need=()
+command -v nginx >/dev/null || need+=(nginx)
+command -v haproxy >/dev/null || need+=(haproxy)
+if ((${#need[@]})); then
+  echo "bench: installing ${need[*]} (Debian packages)" >&2
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+echo "bench: building wsgate (release)" >&2
+cargo build --release --manifest-path "$REPO/Cargo.toml" >&2
+WSGATE="$REPO/target/release/wsgate"
+
+export CONTENDERS="${CONTENDERS:-nginx,haproxy}"
+export WSGATE_PORT="${WSGATE_PORT:-8090}"
+exec "$HERE/harness/run.sh" \
+  "wsgate=bash $HERE/wsgate-contender.sh $WSGATE {PORT} {BACKENDS} {RUNDIR},$WSGATE_PORT"
+}
