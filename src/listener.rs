@@ -5,10 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::dev::ServerHandle;
-use actix_web::{App, HttpServer, web};
+use std::rc::Rc;
+
+use actix_http::{HttpService, error::DispatchError};
+use actix_server::ServerHandle;
+use actix_service::{ServiceFactoryExt, fn_factory, fn_service, map_config};
+use actix_web::dev::AppConfig;
+use actix_web::{App, web};
+use tokio::net::TcpStream;
 
 use crate::config::ListenerConfig;
+use crate::proxy::websocket::{self, UpgradeContext};
 use crate::proxy::{self, ListenerInfo, Shared, UpstreamClients};
 
 /// Connections one worker accepts at most. actix's default (25,000) would cap a 2-worker
@@ -59,6 +66,10 @@ pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, BindError> {
 }
 
 /// Starts serving a bound socket on `workers` worker threads of its own.
+///
+/// Built from actix-http directly rather than actix-web's `HttpServer` for one reason:
+/// its upgrade hook hands a WebSocket request over with the raw connection, so the tunnel
+/// relays bytes itself instead of going through a message channel per frame.
 pub fn serve(
     bound: BoundSocket,
     workers: usize,
@@ -74,34 +85,56 @@ pub fn serve(
         name: Arc::from(config.name.as_str()),
         proto: "http",
     };
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(shared.clone())
-            .app_data(web::Data::new(info.clone()))
-            .app_data(web::Data::new(UpstreamClients::new(Arc::clone(
-                &upstream_tls,
-            ))))
-            // The proxy streams bodies; actix's default payload limits do not apply.
-            .default_service(web::to(proxy::handle))
-    })
-    .workers(workers)
-    .disable_signals()
-    .tcp_nodelay(true)
-    .max_connections(MAX_CONNECTIONS_PER_WORKER)
-    // Once a response (or a tunnel's close handshake) is done, end the TCP connection at
-    // once instead of lingering for the client to do it: RFC 6455 §7.1.1 wants the server
-    // to close first, and a client waiting for that would otherwise wait actix's 1 s.
-    .client_disconnect_timeout(Duration::ZERO)
-    // A listener removed by a reload stops accepting but its tunnels live on until they
-    // close; the supervisor ends them itself at shutdown.
-    .shutdown_timeout(RETIRED_LISTENER_GRACE_SECS)
-    .listen(socket)
-    .map_err(|source| BindError {
-        name: config.name.clone(),
-        bind: config.bind,
-        source,
-    })?
-    .run();
+    let name = config.name.clone();
+    let server = actix_server::Server::build()
+        .workers(workers)
+        .disable_signals()
+        .max_concurrent_connections(MAX_CONNECTIONS_PER_WORKER)
+        // A listener removed by a reload stops accepting but its tunnels live on until they
+        // close; the supervisor ends them itself at shutdown.
+        .shutdown_timeout(RETIRED_LISTENER_GRACE_SECS)
+        .listen(name, socket, move || {
+            // Runs once per worker: the backend clients are per worker (awc is !Send).
+            let clients = web::Data::new(UpstreamClients::new(Arc::clone(&upstream_tls)));
+            let upgrade = Rc::new(UpgradeContext {
+                shared: shared.clone(),
+                listener: info.clone(),
+                clients: clients.clone(),
+            });
+            let app = App::new()
+                .app_data(shared.clone())
+                .app_data(web::Data::new(info.clone()))
+                .app_data(clients)
+                // The proxy streams bodies; actix's default payload limits do not apply.
+                .default_service(web::to(proxy::handle));
+            let http = HttpService::build()
+                // Once a response (or a tunnel) is done, end the TCP connection at once
+                // instead of lingering for the client to do it: RFC 6455 §7.1.1 wants the
+                // server to close first, and a waiting client would wait actix's 1 s.
+                .client_disconnect_timeout(Duration::ZERO)
+                .upgrade(fn_factory(move || {
+                    let upgrade = Rc::clone(&upgrade);
+                    async move {
+                        Ok::<_, ()>(fn_service(move |(req, framed)| {
+                            websocket::serve_upgrade(req, framed, Rc::clone(&upgrade))
+                        }))
+                    }
+                }))
+                .h1(map_config(app, |_| AppConfig::default()));
+            fn_service(|io: TcpStream| async move {
+                // Relayed small frames must not wait for a delayed ACK (Nagle).
+                let _ = io.set_nodelay(true);
+                let peer = io.peer_addr().ok();
+                Ok::<_, DispatchError>((io, peer))
+            })
+            .and_then(http)
+        })
+        .map_err(|source| BindError {
+            name: config.name.clone(),
+            bind: config.bind,
+            source,
+        })?
+        .run();
     let handle = server.handle();
     actix_rt::spawn(server);
     Ok(RunningListener {

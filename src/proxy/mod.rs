@@ -1,17 +1,18 @@
-//! The request path: match a route, then either upgrade to a WebSocket tunnel
-//! ([`websocket`]) or forward a plain HTTP request ([`http`]), with the same forwarding
-//! headers ([`headers`]) and backend clients ([`upstream_client`]) for both.
+//! The request path: match a route, then either take the connection over for a WebSocket
+//! tunnel ([`websocket`]) or forward a plain HTTP request ([`http`]), with the same
+//! forwarding headers ([`headers`]) and backend clients ([`upstream_client`]) for both.
 
 mod error;
 pub mod headers;
 mod http;
 pub mod upstream_client;
-mod websocket;
+pub mod websocket;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use actix_http::RequestHead;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use arc_swap::ArcSwap;
@@ -64,14 +65,14 @@ pub struct Matched {
 
 /// The Host the client asked for, without port, from the Host header or the
 /// absolute-form request target.
-fn request_host(req: &HttpRequest) -> Option<&str> {
-    let host = match req
+fn request_host(head: &RequestHead) -> Option<&str> {
+    let host = match head
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
     {
         Some(host) => host,
-        None => req.uri().host()?,
+        None => head.uri.host()?,
     };
     Some(match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(v6),
@@ -79,17 +80,15 @@ fn request_host(req: &HttpRequest) -> Option<&str> {
     })
 }
 
-/// The one handler of every traffic listener.
-pub async fn handle(
-    req: HttpRequest,
-    payload: web::Payload,
-    shared: web::Data<Shared>,
-    listener: web::Data<ListenerInfo>,
-    clients: web::Data<UpstreamClients>,
-) -> Result<HttpResponse, ProxyError> {
+/// Matches a request to its route in the current snapshot.
+pub fn match_route(
+    shared: &Shared,
+    listener: &ListenerInfo,
+    head: &RequestHead,
+) -> Result<Matched, ProxyError> {
     let snapshot = shared.snapshot.load();
-    let path = req.uri().path();
-    let host = request_host(&req);
+    let path = head.uri.path();
+    let host = request_host(head);
     let Some(route) = snapshot.route(&listener.name, host, path) else {
         return Err(ProxyError::NoRoute {
             host: host.unwrap_or("").to_string(),
@@ -100,32 +99,31 @@ pub async fn handle(
         Some(rewrite) => format!("{rewrite}{}", &path[route.config.path.len()..]),
         None => path.to_string(),
     };
-    let backend_path = match req.uri().query() {
+    let backend_path = match head.uri.query() {
         Some(query) => format!("{rewritten}?{query}"),
         None => rewritten,
     };
-    let matched = Matched {
+    Ok(Matched {
         route: Arc::clone(route),
         // Only a Unix-socket peer has no address; it hashes like loopback.
-        client_ip: req
-            .peer_addr()
+        client_ip: head
+            .peer_addr
             .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| a.ip()),
         backend_path,
-    };
-    drop(snapshot);
-    let wants_websocket = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
-        });
-    if wants_websocket {
-        websocket::proxy(req, payload, matched, &shared, &listener, &clients).await
-    } else {
-        http::proxy(req, payload, matched, &listener, &clients).await
-    }
+    })
+}
+
+/// The handler of every plain HTTP request (WebSocket upgrades are taken over before they
+/// reach it, see [`websocket::serve_upgrade`]).
+pub async fn handle(
+    req: HttpRequest,
+    payload: web::Payload,
+    shared: web::Data<Shared>,
+    listener: web::Data<ListenerInfo>,
+    clients: web::Data<UpstreamClients>,
+) -> Result<HttpResponse, ProxyError> {
+    let matched = match_route(&shared, &listener, req.head())?;
+    http::proxy(req, payload, matched, &listener, &clients).await
 }
 
 /// `host:port` for a URL, with brackets around an IPv6 literal.

@@ -1,23 +1,40 @@
-//! The WebSocket path: check the client's upgrade, dial the route's servers in balancer
-//! order until one accepts, answer the client's upgrade with the backend's choices, and
-//! hand both legs to a new [`Tunnel`].
+//! The WebSocket path. actix-http hands every `Upgrade: websocket` request over with its
+//! raw connection; this module checks the upgrade, dials the route's servers in balancer
+//! order until one accepts, answers the client with the backend's choices, and gives both
+//! raw connections to a new [`Tunnel`].
 
+use std::fmt::Write as _;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_codec::Framed;
+use actix_http::h1;
+use actix_http::header::{self, HeaderMap};
 use actix_http::ws::Codec;
-use actix_web::http::StatusCode;
-use actix_web::http::header::HeaderMap;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_http::{HttpMessage, Request, StatusCode};
+use actix_web::ResponseError;
+use actix_web::web;
 use awc::error::{ConnectError, SendRequestError, WsClientError};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
 
 use super::headers::{self, Forwarded};
-use super::{ListenerInfo, Matched, ProxyError, Shared, UpstreamClients, authority};
+use super::{ListenerInfo, ProxyError, Shared, UpstreamClients, authority, match_route};
 use crate::config::TunnelSettings;
 use crate::pool::Server;
-use crate::tunnel::{BackendLeg, Tunnel, TunnelParams};
+use crate::tunnel::{LegIo, Tunnel, TunnelParams};
 
-type BackendFramed = Framed<awc::BoxedSocket, Codec>;
+/// A backend answer or a refusal has to reach the client within this time, or the client
+/// is not reading and is dropped.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the upgrade service of one worker needs.
+pub struct UpgradeContext {
+    pub shared: web::Data<Shared>,
+    pub listener: ListenerInfo,
+    pub clients: web::Data<UpstreamClients>,
+}
 
 /// Why one server could not take the tunnel.
 #[derive(Debug)]
@@ -30,28 +47,75 @@ enum DialError {
     Refused(StatusCode),
 }
 
-pub(super) async fn proxy(
-    req: HttpRequest,
-    payload: web::Payload,
-    matched: Matched,
-    shared: &Shared,
-    listener: &ListenerInfo,
-    clients: &UpstreamClients,
-) -> Result<HttpResponse, ProxyError> {
+/// The upgrade service: answers the client on its raw connection, then starts the tunnel.
+pub async fn serve_upgrade(
+    req: Request,
+    framed: Framed<TcpStream, h1::Codec>,
+    ctx: Rc<UpgradeContext>,
+) -> Result<(), actix_http::Error> {
+    let parts = framed.into_parts();
+    let mut client = parts.io;
+    match accept(&req, &ctx).await {
+        Ok(accepted) => {
+            let written =
+                tokio::time::timeout(CLIENT_WRITE_TIMEOUT, client.write_all(&accepted.response))
+                    .await;
+            if !matches!(written, Ok(Ok(()))) {
+                return Ok(());
+            }
+            let gone = Tunnel::start(
+                LegIo {
+                    io: Box::new(client),
+                    early: parts.read_buf.freeze(),
+                },
+                accepted.backend,
+                accepted.params,
+            );
+            // The connection stays open in the server's eyes until the tunnel ends.
+            let _ = gone.await;
+        }
+        Err(err) => {
+            let response = refusal(&err);
+            let _ = tokio::time::timeout(CLIENT_WRITE_TIMEOUT, async {
+                client.write_all(&response).await?;
+                client.shutdown().await
+            })
+            .await;
+        }
+    }
+    Ok(())
+}
+
+struct Accepted {
+    /// The 101 response for the client.
+    response: Vec<u8>,
+    backend: LegIo,
+    params: TunnelParams,
+}
+
+async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyError> {
+    let matched = match_route(&ctx.shared, &ctx.listener, req.head())?;
     // Refuse a malformed upgrade before any backend is bothered with it.
     actix_http::ws::verify_handshake(req.head())?;
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| actix_http::ws::hash_key(k.as_bytes()))
+        .ok_or(ProxyError::BadUpgrade(
+            "the Sec-WebSocket-Key header is missing",
+        ))?;
     let route = &matched.route;
     let settings = route.config.settings;
     let to_backend = headers::to_backend(
         req.headers(),
         &Forwarded {
             client_ip: matched.client_ip,
-            proto: listener.proto,
-            host: req.headers().get(actix_web::http::header::HOST),
+            proto: ctx.listener.proto,
+            host: req.headers().get(header::HOST),
             host_override: route.config.host_header.as_deref(),
         },
     );
-    let client = clients.get(settings.connect_timeout);
+    let client = ctx.clients.get(settings.connect_timeout);
     let mut last_error = None;
     for server in route.pool.candidates(matched.client_ip) {
         match dial(
@@ -64,15 +128,42 @@ pub(super) async fn proxy(
         .await
         {
             Ok((backend_response, framed)) => {
-                return upgrade(
-                    req,
-                    payload,
-                    backend_response,
-                    framed,
-                    &server,
-                    &matched,
-                    shared,
+                let mut response = String::from(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
                 );
+                let _ = write!(
+                    response,
+                    "Sec-WebSocket-Accept: {}\r\n",
+                    String::from_utf8_lossy(&key)
+                );
+                // The backend's subprotocol choice, cookies and other end-to-end headers
+                // reach the client; the per-leg WebSocket headers do not.
+                let mut forwarded = HeaderMap::new();
+                headers::to_client(backend_response.headers(), &mut forwarded);
+                let mut response = response.into_bytes();
+                for (name, value) in forwarded.iter() {
+                    response.extend_from_slice(name.as_str().as_bytes());
+                    response.extend_from_slice(b": ");
+                    response.extend_from_slice(value.as_bytes());
+                    response.extend_from_slice(b"\r\n");
+                }
+                response.extend_from_slice(b"\r\n");
+                let parts = framed.into_parts();
+                return Ok(Accepted {
+                    response,
+                    backend: LegIo {
+                        io: Box::new(parts.io),
+                        early: parts.read_buf.freeze(),
+                    },
+                    params: TunnelParams {
+                        settings,
+                        registry: Arc::clone(&ctx.shared.registry),
+                        lease: server.lease(),
+                        upstream: Arc::from(route.config.upstream.as_str()),
+                        client_addr: req.peer_addr().map_or_else(String::new, |a| a.to_string()),
+                        route: route.label.clone(),
+                    },
+                });
             }
             Err(DialError::Refused(status)) => {
                 tracing::info!(server = %server.config, %status, "backend refused the upgrade");
@@ -96,6 +187,8 @@ pub(super) async fn proxy(
     })
 }
 
+type BackendFramed = Framed<awc::BoxedSocket, Codec>;
+
 async fn dial(
     client: &awc::Client,
     server: &Server,
@@ -107,7 +200,7 @@ async fn dial(
         "ws://{}{path}",
         authority(&server.config.host, server.config.port)
     );
-    let mut request = client.ws(url).max_frame_size(settings.max_frame_size);
+    let mut request = client.ws(url);
     for (name, value) in headers.iter() {
         request = request.header(name.clone(), value.clone());
     }
@@ -128,35 +221,25 @@ async fn dial(
     }
 }
 
-fn upgrade(
-    req: HttpRequest,
-    payload: web::Payload,
-    backend_response: awc::ClientResponse,
-    framed: BackendFramed,
-    server: &Arc<Server>,
-    matched: &Matched,
-    shared: &Shared,
-) -> Result<HttpResponse, ProxyError> {
-    let settings = matched.route.config.settings;
-    let (mut response, session, client_stream) = actix_ws::handle(&req, payload)
-        .map_err(|_| ProxyError::BadUpgrade("the upgrade request was rejected"))?;
-    // The backend's subprotocol choice, cookies and other end-to-end headers reach the
-    // client; the per-leg WebSocket headers stay with actix-ws's own.
-    headers::to_client(backend_response.headers(), response.headers_mut());
-    Tunnel::start(
-        session,
-        client_stream.max_frame_size(settings.max_frame_size),
-        BackendLeg {
-            framed,
-            lease: server.lease(),
-        },
-        TunnelParams {
-            settings,
-            registry: Arc::clone(&shared.registry),
-            upstream: Arc::from(matched.route.config.upstream.as_str()),
-            client_addr: req.peer_addr().map_or_else(String::new, |a| a.to_string()),
-            route: matched.route.label.clone(),
-        },
+/// The whole HTTP response that refuses an upgrade, connection closing after it.
+fn refusal(err: &ProxyError) -> Vec<u8> {
+    let status = err.status_code();
+    let body = format!("wsgate: {err}\n");
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
     );
-    Ok(response)
+    if matches!(
+        err,
+        ProxyError::UnsupportedVersion | ProxyError::BadUpgrade(_)
+    ) {
+        // RFC 6455 §4.4: tell the client which version to retry with.
+        head.push_str("Sec-WebSocket-Version: 13\r\n");
+    }
+    head.push_str("\r\n");
+    let mut response = head.into_bytes();
+    response.extend_from_slice(body.as_bytes());
+    response
 }

@@ -1,41 +1,50 @@
-//! The tunnel actor: thin glue that feeds both legs' frames through [`Relay`] and
-//! [`Timers`] and carries out what they decide.
+//! The tunnel actor: owns one WebSocket connection's two sockets and its whole life.
+//!
+//! The relay itself runs inside the actor as one future ([`Relay`]) that reads whichever
+//! leg has bytes, passes them through [`Direction::process`] and writes the result to the
+//! other leg: one read and one write per batch of frames, no mailbox hop, no per-frame
+//! allocation, no lock. Bytes a slow leg cannot take yet wait in that leg's `pending`
+//! buffer, and while they wait the other leg is not read, so TCP back-pressure reaches the
+//! sender. Timers (heartbeat, idle, close deadline) and `End` messages are ordinary actor
+//! handlers that change the state and wake the relay.
 
+use std::cell::RefCell;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use actix::io::{SinkWrite, WriteHandler};
 use actix::{
-    Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message as ActixMessage,
-    SpawnHandle, StreamHandler,
+    Actor, ActorContext, ActorFuture, AsyncContext, Context, Handler, Message as ActixMessage,
+    SpawnHandle,
 };
-use actix_http::ws::{Codec, Frame, Message, ProtocolError};
-use actix_ws::{Closed, MessageStream, Session};
-use bytes::Bytes;
-use futures_util::StreamExt;
-use futures_util::stream::SplitSink;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::gate::{Gate, GatedSink, GatedStream};
 use super::heartbeat::{TimerEvent, Timers};
-use super::relay::{Abort, Ending, HEARTBEAT_PAYLOAD, Relay, Step};
+use super::pump::{Direction, Limits};
+use super::relay::{Ending, HEARTBEAT_PAYLOAD};
+use super::wire::{self, OP_CLOSE, OP_PING};
 use super::{Leg, Registry, RegistryEntry};
 use crate::config::TunnelSettings;
 use crate::config::defaults::CLOSE_TIMEOUT;
 use crate::pool::ServerLease;
 
-type BackendFramed = actix_codec::Framed<awc::BoxedSocket, Codec>;
-type BackendSink = SplitSink<BackendFramed, Message>;
+/// A leg's byte stream: a TCP connection, or later TLS on top of one.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Io for T {}
 
-/// The backend half of a tunnel, as the dialer hands it over.
-pub struct BackendLeg {
-    pub framed: BackendFramed,
-    pub lease: ServerLease,
+/// One leg as the handshake hands it over: the stream, and bytes already read from it
+/// (frames that arrived together with the handshake).
+pub struct LegIo {
+    pub io: Box<dyn Io>,
+    pub early: bytes::Bytes,
 }
 
 /// What a tunnel needs besides its two sockets.
 pub struct TunnelParams {
     pub settings: TunnelSettings,
     pub registry: Arc<Registry>,
+    pub lease: ServerLease,
     /// The upstream the server was picked from (draining is per upstream).
     pub upstream: Arc<str>,
     /// For logs: who is on each end.
@@ -51,25 +60,41 @@ pub struct End {
     pub after: Duration,
 }
 
+/// Bytes read in one go; also the most a leg can have waiting toward a slow peer
+/// (`max_buffer` lowers it).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Relay rounds per wake-up before yielding to the worker's other tunnels.
+const ROUNDS_PER_WAKE: usize = 16;
+
+thread_local! {
+    /// Per-worker scratch buffers for reading and for building the batch to write: an idle
+    /// tunnel holds no buffer of its own.
+    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = RefCell::new((vec![0u8; READ_CHUNK], Vec::with_capacity(READ_CHUNK + 1024)));
+}
+
 pub struct Tunnel {
-    client: SinkWrite<Message, GatedSink<Session>>,
-    backend: SinkWrite<Message, GatedSink<BackendSink>>,
-    to_client: Gate,
-    to_backend: Gate,
-    relay: Relay,
+    io: [Box<dyn Io>; 2],
+    /// Parser state of the bytes coming *from* each leg.
+    dirs: [Direction; 2],
+    /// Bytes waiting to be written *to* each leg.
+    pending: [Vec<u8>; 2],
+    /// The gateway's own frames for each leg, sent at the next frame boundary.
+    inject: [Vec<u8>; 2],
+    /// The leg's input ended or failed: nothing more comes from it.
+    eof: [bool; 2],
+    /// A Close frame went to the leg: nothing more may follow it.
+    close_sent: [bool; 2],
+    /// The gateway is ending the tunnel: data is no longer relayed.
+    aborting: bool,
+    limits: Limits,
+    read_chunk: usize,
     timers: Timers,
     timer: Option<SpawnHandle>,
-    /// A Close frame has been queued toward the leg: nothing more may follow it.
-    close_sent: [bool; 2],
-    /// The leg's input stream has ended or failed.
-    input_done: [bool; 2],
-    /// The gateway itself is ending the tunnel: data frames are no longer relayed.
-    aborting: bool,
-    /// Both sinks were asked to flush and close.
-    closing_sinks: bool,
-    /// The leg's sink has finished (closed after flushing, or failed).
-    sink_done: [bool; 2],
     close_deadline_armed: bool,
+    /// Set where no actor context is at hand; the relay starts the deadline.
+    arm_close_deadline: bool,
+    relay_waker: Option<Waker>,
     lease: ServerLease,
     registry: Arc<Registry>,
     upstream: Arc<str>,
@@ -77,183 +102,303 @@ pub struct Tunnel {
     client_addr: String,
     route: String,
     ending: Option<Ending>,
+    early: [bytes::Bytes; 2],
+    /// Told when the tunnel is gone (dropping it is the message).
+    _done: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Tunnel {
-    /// Spawns the tunnel on the current worker and returns its address.
+    /// Spawns the tunnel on the current worker. The returned receiver completes when the
+    /// tunnel is gone: the connection's service waits on it, so the server counts the
+    /// connection as open (limits, graceful stop) for the tunnel's whole life.
     pub fn start(
-        session: Session,
-        client_stream: MessageStream,
-        backend: BackendLeg,
+        client: LegIo,
+        backend: LegIo,
         params: TunnelParams,
-    ) -> Addr<Tunnel> {
-        let settings = params.settings;
-        Tunnel::create(move |ctx| {
-            let to_client = Gate::new(settings.max_buffer);
-            let to_backend = Gate::new(settings.max_buffer);
-            let (backend_sink, backend_stream) = backend.framed.split();
-            ctx.add_stream(GatedStream::new(client_stream, to_backend.clone()));
-            ctx.add_stream(GatedStream::new(backend_stream, to_client.clone()));
-            Tunnel {
-                client: SinkWrite::new(GatedSink::new(session, to_client.clone()), ctx),
-                backend: SinkWrite::new(GatedSink::new(backend_sink, to_backend.clone()), ctx),
-                to_client,
-                to_backend,
-                relay: Relay::new(settings.max_message_size),
-                timers: Timers::new(
-                    Instant::now(),
-                    settings.ping_interval,
-                    settings.pong_timeout,
-                    settings.idle_timeout,
-                ),
-                timer: None,
-                close_sent: [false; 2],
-                input_done: [false; 2],
-                aborting: false,
-                closing_sinks: false,
-                sink_done: [false; 2],
-                close_deadline_armed: false,
-                lease: backend.lease,
-                registry: params.registry,
-                upstream: params.upstream,
-                entry: None,
-                client_addr: params.client_addr,
-                route: params.route,
-                ending: None,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let s = params.settings;
+        let (done, gone) = tokio::sync::oneshot::channel();
+        Tunnel {
+            io: [client.io, backend.io],
+            dirs: [Direction::new(Leg::Client), Direction::new(Leg::Backend)],
+            pending: [Vec::new(), Vec::new()],
+            inject: [Vec::new(), Vec::new()],
+            eof: [false; 2],
+            close_sent: [false; 2],
+            aborting: false,
+            limits: Limits {
+                max_frame_size: s.max_frame_size as u64,
+                max_message_size: s.max_message_size as u64,
+            },
+            read_chunk: s.max_buffer.clamp(1024, READ_CHUNK),
+            timers: Timers::new(
+                Instant::now(),
+                s.ping_interval,
+                s.pong_timeout,
+                s.idle_timeout,
+            ),
+            timer: None,
+            close_deadline_armed: false,
+            arm_close_deadline: false,
+            relay_waker: None,
+            lease: params.lease,
+            registry: params.registry,
+            upstream: params.upstream,
+            entry: None,
+            client_addr: params.client_addr,
+            route: params.route,
+            ending: None,
+            early: [client.early, backend.early],
+            _done: done,
+        }
+        .start();
+        gone
+    }
+
+    /// Processes bytes read from `from` and queues what they become for the other leg.
+    fn ingest(&mut self, from: Leg, input: &[u8], out: &mut Vec<u8>) {
+        let to = from.other();
+        self.timers.heard(from);
+        // Nothing may follow a Close toward `to`; while aborting only Close replies matter.
+        let forward = !self.aborting && !self.close_sent[to as usize];
+        out.clear();
+        match self.dirs[from as usize].process(input, out, &self.limits) {
+            Err(ending) => {
+                out.clear();
+                self.end(ending);
             }
+            Ok(seen) => {
+                if seen.data {
+                    self.timers.data();
+                }
+                if !forward {
+                    out.clear();
+                } else if seen.close.is_some() {
+                    self.close_sent[to as usize] = true;
+                }
+                if seen.close.is_some() {
+                    self.arm_close_deadline = true;
+                }
+            }
+        }
+    }
+
+    /// Writes `pending[to]`; true once it is empty.
+    fn flush(&mut self, to: Leg, cx: &mut TaskContext<'_>) -> bool {
+        let i = to as usize;
+        while !self.pending[i].is_empty() {
+            match Pin::new(&mut self.io[i]).poll_write(cx, &self.pending[i]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.pending[i].drain(..n);
+                }
+                Poll::Pending => return false,
+                Poll::Ready(_) => {
+                    self.leg_gone(to);
+                    return true;
+                }
+            }
+        }
+        // Release what a burst grew; an idle tunnel keeps no buffer.
+        self.pending[i] = Vec::new();
+        let _ = Pin::new(&mut self.io[i]).poll_flush(cx);
+        true
+    }
+
+    /// Writes `out` to `to` now if it can; queues what it cannot.
+    fn write_or_queue(&mut self, to: Leg, out: &[u8], cx: &mut TaskContext<'_>) {
+        let i = to as usize;
+        let mut written = 0;
+        if self.pending[i].is_empty() && !self.eof_write(to) {
+            while written < out.len() {
+                match Pin::new(&mut self.io[i]).poll_write(cx, &out[written..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => written += n,
+                    Poll::Pending => break,
+                    Poll::Ready(_) => {
+                        self.leg_gone(to);
+                        return;
+                    }
+                }
+            }
+            if written == out.len() {
+                let _ = Pin::new(&mut self.io[i]).poll_flush(cx);
+                return;
+            }
+        }
+        self.pending[i].extend_from_slice(&out[written..]);
+    }
+
+    /// A leg whose writes fail can take nothing more.
+    fn eof_write(&self, leg: Leg) -> bool {
+        self.eof[leg as usize] && self.close_sent[leg as usize]
+    }
+
+    fn leg_gone(&mut self, leg: Leg) {
+        let i = leg as usize;
+        self.eof[i] = true;
+        self.close_sent[i] = true;
+        self.pending[i] = Vec::new();
+        self.inject[i] = Vec::new();
+        if !self.aborting {
+            self.end(Ending::Vanished(leg));
+        }
+    }
+
+    /// One leg's turn: flush what waits toward the other leg, then read this leg.
+    fn drive(&mut self, from: Leg, cx: &mut TaskContext<'_>) -> bool {
+        let to = from.other();
+        let mut progress = false;
+        if !self.flush(to, cx) {
+            return false;
+        }
+        if !self.inject[to as usize].is_empty() && !self.dirs[from as usize].mid_frame() {
+            let frames = std::mem::take(&mut self.inject[to as usize]);
+            self.pending[to as usize].extend_from_slice(&frames);
+            progress = true;
+            if !self.flush(to, cx) {
+                return true;
+            }
+        }
+        if self.eof[from as usize] {
+            return progress;
+        }
+        SCRATCH.with(|scratch| {
+            let (read_buf, out) = &mut *scratch.borrow_mut();
+            let mut buf = ReadBuf::new(&mut read_buf[..self.read_chunk]);
+            match Pin::new(&mut self.io[from as usize]).poll_read(cx, &mut buf) {
+                Poll::Pending => {}
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    let n = buf.filled().len();
+                    self.ingest(from, &read_buf[..n], out);
+                    if !out.is_empty() {
+                        let batch = std::mem::take(out);
+                        self.write_or_queue(to, &batch, cx);
+                        *out = batch;
+                    }
+                    progress = true;
+                }
+                Poll::Ready(_) => {
+                    self.eof[from as usize] = true;
+                    if !self.dirs[from as usize].closed() && !self.aborting {
+                        self.end(Ending::Vanished(from));
+                    }
+                    progress = true;
+                }
+            }
+        });
+        progress
+    }
+
+    /// Each leg has closed (its Close went both ways) or is gone, and nothing waits.
+    fn finished(&self) -> bool {
+        [Leg::Client, Leg::Backend].iter().all(|&leg| {
+            let i = leg as usize;
+            self.eof[i]
+                || (self.dirs[i].closed()
+                    && self.close_sent[i]
+                    && self.pending[i].is_empty()
+                    && self.inject[i].is_empty())
         })
     }
 
-    /// Queues `msg` toward `to`, unless that leg has already been sent its Close.
-    #[inline]
-    fn send(&mut self, to: Leg, msg: Message) {
-        if self.close_sent[to as usize] || self.closing_sinks {
+    fn poll_relay(&mut self, ctx: &mut Context<Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        if !self.early[0].is_empty() || !self.early[1].is_empty() {
+            for leg in [Leg::Client, Leg::Backend] {
+                let early = std::mem::take(&mut self.early[leg as usize]);
+                if !early.is_empty() {
+                    let mut out = Vec::new();
+                    self.ingest(leg, &early, &mut out);
+                    self.pending[leg.other() as usize].extend_from_slice(&out);
+                }
+            }
+        }
+        for _ in 0..ROUNDS_PER_WAKE {
+            let client = self.drive(Leg::Client, cx);
+            let backend = self.drive(Leg::Backend, cx);
+            if self.arm_close_deadline {
+                self.arm_close_deadline = false;
+                self.start_close_deadline(ctx);
+            }
+            if self.finished() {
+                return Poll::Ready(());
+            }
+            if !client && !backend {
+                if !self
+                    .relay_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    self.relay_waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn wake_relay(&self) {
+        if let Some(waker) = &self.relay_waker {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Queues one of the gateway's own frames toward `leg` (masked toward the backend, as
+    /// a client must).
+    fn inject_frame(&mut self, leg: Leg, opcode: u8, payload: &[u8]) {
+        let i = leg as usize;
+        if self.close_sent[i] || self.eof_write(leg) {
             return;
         }
-        if matches!(msg, Message::Close(_)) {
-            self.close_sent[to as usize] = true;
+        if opcode == OP_CLOSE {
+            self.close_sent[i] = true;
         }
-        // `write` only fails once the sink is closing, when the frame has nowhere to go.
-        match to {
-            Leg::Client => {
-                self.to_client.add(&msg);
-                let _ = self.client.write(msg);
-            }
-            Leg::Backend => {
-                self.to_backend.add(&msg);
-                let _ = self.backend.write(msg);
-            }
-        }
-    }
-
-    #[inline]
-    fn on_frame(&mut self, from: Leg, step: Step, ctx: &mut Context<Self>) {
-        match step {
-            Step::Forward(msg) => {
-                if !self.aborting {
-                    self.send(from.other(), msg);
-                }
-            }
-            Step::Swallow => {}
-            Step::Abort(abort) => self.abort(None, abort, ctx),
-            Step::ForwardClose { close, finished } => {
-                if !self.aborting {
-                    self.send(from.other(), close);
-                }
-                self.arm_close_deadline(ctx);
-                // `finished` says the handshake completed both ways; an aborting tunnel may
-                // also settle here, when the last leg it waits for answers.
-                let _ = finished;
-                self.settle(ctx);
-            }
-        }
-    }
-
-    fn end(&mut self, ending: Ending, ctx: &mut Context<Self>) {
-        self.abort(Some(ending), ending.abort(), ctx);
+        let mask = (leg == Leg::Backend).then(|| fastrand::u32(..).to_ne_bytes());
+        self.inject[i].extend_from_slice(&wire::control_frame(opcode, payload, mask));
     }
 
     /// The gateway ends the tunnel: close frames to the legs that can take one, then wait
     /// for their replies at most [`CLOSE_TIMEOUT`].
-    fn abort(&mut self, ending: Option<Ending>, abort: Abort, ctx: &mut Context<Self>) {
+    fn end(&mut self, ending: Ending) {
         if self.aborting {
             return;
         }
         self.aborting = true;
-        if self.ending.is_none() {
-            self.ending = ending;
-        }
+        self.ending = Some(ending);
         tracing::debug!(client = %self.client_addr, route = %self.route,
             server = %self.lease.server().config, ?ending, "tunnel ending");
+        let abort = ending.abort();
         for (leg, reason) in [
             (Leg::Client, abort.to_client),
             (Leg::Backend, abort.to_backend),
         ] {
             match reason {
-                Some(reason) if !self.input_done[leg as usize] => {
-                    self.send(leg, Message::Close(Some(reason)))
+                Some(reason) if !self.eof[leg as usize] => {
+                    let code: u16 = reason.code.into();
+                    let text = reason.description.as_deref().unwrap_or("");
+                    self.inject_frame(leg, OP_CLOSE, &wire::close_payload(code, text));
                 }
-                // A leg that is gone or gets no frame has nothing to wait for.
-                _ => self.input_done[leg as usize] = true,
+                _ => self.eof[leg as usize] = true,
             }
         }
         // A leg that stopped answering gets its close frame as a courtesy, but nobody waits
         // for its reply.
-        if let Some(Ending::Silent(leg)) = ending {
-            self.input_done[leg as usize] = true;
+        if let Ending::Silent(leg) = ending {
+            self.eof[leg as usize] = true;
         }
-        self.arm_close_deadline(ctx);
-        self.settle(ctx);
+        self.arm_close_deadline = true;
+        self.wake_relay();
     }
 
-    fn arm_close_deadline(&mut self, ctx: &mut Context<Self>) {
+    fn start_close_deadline(&mut self, ctx: &mut Context<Self>) {
         if !self.close_deadline_armed {
             self.close_deadline_armed = true;
+            if let Some(timer) = self.timer.take() {
+                ctx.cancel_future(timer);
+            }
             ctx.run_later(CLOSE_TIMEOUT, |act, ctx| {
                 tracing::debug!(client = %act.client_addr, "close handshake timed out");
                 ctx.stop();
             });
-        }
-    }
-
-    /// Once each leg has closed (or is gone), flush and close both sinks; the actor stops
-    /// when both have finished.
-    fn settle(&mut self, ctx: &mut Context<Self>) {
-        if self.closing_sinks {
-            return;
-        }
-        let settled = |leg: Leg| {
-            self.input_done[leg as usize]
-                || (self.relay.closed(leg) && self.close_sent[leg as usize])
-        };
-        if settled(Leg::Client) && settled(Leg::Backend) {
-            if let Some(timer) = self.timer.take() {
-                ctx.cancel_future(timer);
-            }
-            self.closing_sinks = true;
-            self.client.close();
-            self.backend.close();
-            self.stop_when_flushed(ctx);
-        }
-    }
-
-    fn sink_finished(&mut self, leg: Leg, ctx: &mut Context<Self>) {
-        self.sink_done[leg as usize] = true;
-        self.stop_when_flushed(ctx);
-    }
-
-    fn stop_when_flushed(&mut self, ctx: &mut Context<Self>) {
-        if self.closing_sinks && self.sink_done == [true; 2] {
-            ctx.stop();
-        }
-    }
-
-    fn input_ended(&mut self, leg: Leg, ctx: &mut Context<Self>) {
-        self.input_done[leg as usize] = true;
-        if !self.relay.closed(leg) && !self.aborting {
-            self.end(Ending::Vanished(leg), ctx);
-        } else {
-            self.settle(ctx);
         }
     }
 
@@ -267,22 +412,42 @@ impl Tunnel {
 
     fn on_timer(&mut self, ctx: &mut Context<Self>) {
         self.timer = None;
-        if self.aborting || self.closing_sinks {
+        if self.aborting || self.close_deadline_armed {
             return;
         }
         let now = Instant::now();
         while let Some(event) = self.timers.on_wake(now) {
             match event {
                 TimerEvent::Ping => {
-                    let ping = Bytes::from_static(HEARTBEAT_PAYLOAD);
-                    self.send(Leg::Client, Message::Ping(ping.clone()));
-                    self.send(Leg::Backend, Message::Ping(ping));
+                    self.inject_frame(Leg::Client, OP_PING, HEARTBEAT_PAYLOAD);
+                    self.inject_frame(Leg::Backend, OP_PING, HEARTBEAT_PAYLOAD);
+                    self.wake_relay();
                 }
-                TimerEvent::Dead(leg) => return self.end(Ending::Silent(leg), ctx),
-                TimerEvent::Idle => return self.end(Ending::Idle, ctx),
+                TimerEvent::Dead(leg) => return self.end(Ending::Silent(leg)),
+                TimerEvent::Idle => return self.end(Ending::Idle),
             }
         }
         self.arm_timer(ctx);
+    }
+}
+
+/// The relay as a future of the actor, so it runs with the actor's state in hand.
+struct Relay;
+
+impl ActorFuture<Tunnel> for Relay {
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        act: &mut Tunnel,
+        ctx: &mut Context<Tunnel>,
+        task: &mut TaskContext<'_>,
+    ) -> Poll<()> {
+        let poll = act.poll_relay(ctx, task);
+        if poll.is_ready() {
+            ctx.stop();
+        }
+        poll
     }
 }
 
@@ -296,6 +461,7 @@ impl Actor for Tunnel {
             ctx.address().recipient(),
         ));
         self.arm_timer(ctx);
+        ctx.spawn(Relay);
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -304,113 +470,14 @@ impl Actor for Tunnel {
     }
 }
 
-/// Frames from the client.
-impl StreamHandler<Result<Message, ProtocolError>> for Tunnel {
-    fn handle(&mut self, item: Result<Message, ProtocolError>, ctx: &mut Self::Context) {
-        if self.input_done[Leg::Client as usize] {
-            return;
-        }
-        match item {
-            Ok(msg) => {
-                self.timers.heard(Leg::Client);
-                if matches!(
-                    msg,
-                    Message::Text(_) | Message::Binary(_) | Message::Continuation(_)
-                ) {
-                    self.timers.data();
-                }
-                let step = self.relay.from_client(msg);
-                self.on_frame(Leg::Client, step, ctx);
-            }
-            Err(err) => {
-                let ending = Ending::from_protocol_error(Leg::Client, &err);
-                if matches!(ending, Ending::Vanished(_)) {
-                    self.input_done[Leg::Client as usize] = true;
-                }
-                self.end(ending, ctx);
-            }
-        }
-    }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        self.input_ended(Leg::Client, ctx);
-    }
-}
-
-/// Frames from the backend.
-impl StreamHandler<Result<Frame, ProtocolError>> for Tunnel {
-    fn handle(&mut self, item: Result<Frame, ProtocolError>, ctx: &mut Self::Context) {
-        if self.input_done[Leg::Backend as usize] {
-            return;
-        }
-        match item {
-            Ok(frame) => {
-                self.timers.heard(Leg::Backend);
-                if matches!(
-                    frame,
-                    Frame::Text(_) | Frame::Binary(_) | Frame::Continuation(_)
-                ) {
-                    self.timers.data();
-                }
-                let step = self.relay.from_backend(frame);
-                self.on_frame(Leg::Backend, step, ctx);
-            }
-            Err(err) => {
-                let ending = Ending::from_protocol_error(Leg::Backend, &err);
-                if matches!(ending, Ending::Vanished(_)) {
-                    self.input_done[Leg::Backend as usize] = true;
-                }
-                self.end(ending, ctx);
-            }
-        }
-    }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        self.input_ended(Leg::Backend, ctx);
-    }
-}
-
-/// The client sink: the actix-ws session.
-impl WriteHandler<Closed> for Tunnel {
-    fn error(&mut self, _: Closed, ctx: &mut Self::Context) -> actix::Running {
-        // The client's connection is gone: nothing more can reach it.
-        self.close_sent[Leg::Client as usize] = true;
-        if !self.aborting {
-            self.input_done[Leg::Client as usize] = true;
-            self.end(Ending::Vanished(Leg::Client), ctx);
-        }
-        actix::Running::Stop
-    }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        self.sink_finished(Leg::Client, ctx);
-    }
-}
-
-/// The backend sink: awc's framed connection.
-impl WriteHandler<ProtocolError> for Tunnel {
-    fn error(&mut self, _: ProtocolError, ctx: &mut Self::Context) -> actix::Running {
-        self.close_sent[Leg::Backend as usize] = true;
-        if !self.aborting {
-            self.input_done[Leg::Backend as usize] = true;
-            self.end(Ending::Vanished(Leg::Backend), ctx);
-        }
-        actix::Running::Stop
-    }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        self.sink_finished(Leg::Backend, ctx);
-    }
-}
-
 impl Handler<End> for Tunnel {
     type Result = ();
 
     fn handle(&mut self, msg: End, ctx: &mut Self::Context) {
         if msg.after.is_zero() {
-            self.end(msg.ending, ctx);
+            self.end(msg.ending);
         } else {
-            ctx.run_later(msg.after, move |act, ctx| act.end(msg.ending, ctx));
+            ctx.run_later(msg.after, move |act, _| act.end(msg.ending));
         }
     }
 }

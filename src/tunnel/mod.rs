@@ -1,16 +1,18 @@
 //! Tunnels: one per WebSocket connection, relaying frames between the client leg and the
 //! backend leg and owning the connection's whole life.
 //!
-//! Lifecycle: the proxy upgrades the client and dials the backend ([`crate::proxy`]), then
-//! [`Tunnel::start`] spawns the actor on the accepting worker. It relays frames in order on
-//! each leg ([`relay`]), pings both legs ([`heartbeat`]), holds back a fast sender while the
-//! other leg is slow ([`gate`]), and ends with a close frame to each leg that can still take
-//! one. [`Registry`] lists live tunnels so shutdown and draining can reach them.
+//! Lifecycle: the proxy dials the backend and answers the client's upgrade
+//! ([`crate::proxy`]), then [`Tunnel::start`] spawns the actor on the accepting worker with
+//! both raw sockets. It relays frames as they came ([`pump`], on [`wire`] headers), pings
+//! both legs ([`heartbeat`]), holds back a fast sender while the other leg is slow, and
+//! ends with a close frame to each leg that can still take one ([`relay`] says which).
+//! [`Registry`] lists live tunnels so shutdown and draining can reach them.
 
 mod actor;
-mod gate;
 pub mod heartbeat;
+pub mod pump;
 pub mod relay;
+pub mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +21,7 @@ use std::time::Duration;
 use actix::Recipient;
 use dashmap::DashMap;
 
-pub use actor::{BackendLeg, End, Tunnel, TunnelParams};
+pub use actor::{End, Io, LegIo, Tunnel, TunnelParams};
 pub use relay::Ending;
 
 use crate::pool::Server;

@@ -57,7 +57,10 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, WireError> {
     }
     let fin = b0 & 0x80 != 0;
     let opcode = b0 & 0x0f;
-    if !matches!(opcode, OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG) {
+    if !matches!(
+        opcode,
+        OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
+    ) {
         return Err(WireError::UnknownOpcode(opcode));
     }
     let masked = b1 & 0x80 != 0;
@@ -105,7 +108,12 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, WireError> {
 }
 
 /// Writes a final frame's header into `out`, returning its length.
-pub fn write_header(out: &mut [u8; MAX_HEADER], opcode: u8, mask: Option<[u8; 4]>, payload_len: usize) -> usize {
+pub fn write_header(
+    out: &mut [u8; MAX_HEADER],
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    payload_len: usize,
+) -> usize {
     out[0] = 0x80 | opcode;
     let mask_bit = if mask.is_some() { 0x80 } else { 0 };
     let mut len = match payload_len {
@@ -173,11 +181,25 @@ mod tests {
 
     #[test]
     fn parses_short_medium_and_long_lengths_masked_or_not() {
-        for (len, mask) in [(5usize, None), (300, Some([1, 2, 3, 4])), (70_000, Some([9, 8, 7, 6])), (0, None)] {
+        for (len, mask) in [
+            (5usize, None),
+            (300, Some([1, 2, 3, 4])),
+            (70_000, Some([9, 8, 7, 6])),
+            (0, None),
+        ] {
             let mut h = [0u8; MAX_HEADER];
             let n = write_header(&mut h, OP_BINARY, mask, len);
             let parsed = parse(&h[..n]).unwrap().unwrap();
-            assert_eq!(parsed, Header { fin: true, opcode: OP_BINARY, mask, payload_len: len as u64, len: n });
+            assert_eq!(
+                parsed,
+                Header {
+                    fin: true,
+                    opcode: OP_BINARY,
+                    mask,
+                    payload_len: len as u64,
+                    len: n
+                }
+            );
             // Every strict prefix asks for more bytes.
             for cut in 0..n {
                 assert_eq!(parse(&h[..cut]), Ok(None), "len {len} cut {cut}");
@@ -189,9 +211,20 @@ mod tests {
     fn rejects_what_rfc_6455_forbids() {
         assert_eq!(parse(&[0xC1, 0x00]), Err(WireError::ReservedBits));
         assert_eq!(parse(&[0x83, 0x00]), Err(WireError::UnknownOpcode(3)));
-        assert_eq!(parse(&[0x09, 0x00]), Err(WireError::BadControlFrame), "fragmented ping");
-        assert_eq!(parse(&[0x89, 126, 0, 126]), Err(WireError::BadControlFrame), "126-byte ping");
-        assert_eq!(parse(&[0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 0]), Err(WireError::BadLength));
+        assert_eq!(
+            parse(&[0x09, 0x00]),
+            Err(WireError::BadControlFrame),
+            "fragmented ping"
+        );
+        assert_eq!(
+            parse(&[0x89, 126, 0, 126]),
+            Err(WireError::BadControlFrame),
+            "126-byte ping"
+        );
+        assert_eq!(
+            parse(&[0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 0]),
+            Err(WireError::BadLength)
+        );
     }
 
     #[test]
