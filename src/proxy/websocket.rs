@@ -53,9 +53,18 @@ pub async fn serve_upgrade(
     framed: Framed<TcpStream, h1::Codec>,
     ctx: Rc<UpgradeContext>,
 ) -> Result<(), actix_http::Error> {
-    let parts = framed.into_parts();
-    let mut client = parts.io;
-    match accept(&req, &ctx).await {
+    // Only the socket and the bytes already read from it are kept; the HTTP codec, its
+    // buffers and the request are dropped before the tunnel's long life begins.
+    let actix_codec::FramedParts {
+        io: mut client,
+        read_buf,
+        ..
+    } = framed.into_parts();
+    // Boxed: the dial's large future would otherwise stay part of this one (and of every
+    // tunnel's memory) while it waits for the tunnel to end.
+    let outcome = Box::pin(accept(&req, &ctx)).await;
+    drop(req);
+    match outcome {
         Ok(accepted) => {
             let written =
                 tokio::time::timeout(CLIENT_WRITE_TIMEOUT, client.write_all(&accepted.response))
@@ -66,7 +75,7 @@ pub async fn serve_upgrade(
             let gone = Tunnel::start(
                 LegIo {
                     io: Box::new(client),
-                    early: parts.read_buf.freeze(),
+                    early: read_buf.freeze(),
                 },
                 accepted.backend,
                 accepted.params,
@@ -148,12 +157,12 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
                     response.extend_from_slice(b"\r\n");
                 }
                 response.extend_from_slice(b"\r\n");
-                let parts = framed.into_parts();
+                let actix_codec::FramedParts { io, read_buf, .. } = framed.into_parts();
                 return Ok(Accepted {
                     response,
                     backend: LegIo {
-                        io: Box::new(parts.io),
-                        early: parts.read_buf.freeze(),
+                        io: Box::new(io),
+                        early: read_buf.freeze(),
                     },
                     params: TunnelParams {
                         settings,

@@ -118,6 +118,9 @@ impl Tunnel {
     ) -> tokio::sync::oneshot::Receiver<()> {
         let s = params.settings;
         let (done, gone) = tokio::sync::oneshot::channel();
+        // An empty `Bytes` frozen from a handshake's read buffer still pins that buffer's
+        // whole capacity (8 KiB per leg): keep the bytes only if there are any.
+        let early = |b: bytes::Bytes| if b.is_empty() { bytes::Bytes::new() } else { b };
         Tunnel {
             io: [client.io, backend.io],
             dirs: [Direction::new(Leg::Client), Direction::new(Leg::Backend)],
@@ -148,7 +151,7 @@ impl Tunnel {
             client_addr: params.client_addr,
             route: params.route,
             ending: None,
-            early: [client.early, backend.early],
+            early: [early(client.early), early(backend.early)],
             _done: done,
         }
         .start();
