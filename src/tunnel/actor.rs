@@ -81,8 +81,10 @@ pub struct Tunnel {
     pending: [Vec<u8>; 2],
     /// The gateway's own frames for each leg, sent at the next frame boundary.
     inject: [Vec<u8>; 2],
-    /// The leg's input ended or failed: nothing more comes from it.
+    /// Nothing more is read from the leg: its input ended, or it is being failed.
     eof: [bool; 2],
+    /// Nothing more can be written to the leg: a write failed, or it was cut mid-frame.
+    dead: [bool; 2],
     /// A Close frame went to the leg: nothing more may follow it.
     close_sent: [bool; 2],
     /// The gateway is ending the tunnel: data is no longer relayed.
@@ -127,6 +129,7 @@ impl Tunnel {
             pending: [Vec::new(), Vec::new()],
             inject: [Vec::new(), Vec::new()],
             eof: [false; 2],
+            dead: [false; 2],
             close_sent: [false; 2],
             aborting: false,
             limits: Limits {
@@ -167,7 +170,10 @@ impl Tunnel {
         out.clear();
         match self.dirs[from as usize].process(input, out, &self.limits) {
             Err(ending) => {
-                out.clear();
+                // The frames before the bad one are delivered; then the tunnel ends.
+                if !forward {
+                    out.clear();
+                }
                 self.end(ending);
             }
             Ok(seen) => {
@@ -232,12 +238,13 @@ impl Tunnel {
 
     /// A leg whose writes fail can take nothing more.
     fn eof_write(&self, leg: Leg) -> bool {
-        self.eof[leg as usize] && self.close_sent[leg as usize]
+        self.dead[leg as usize]
     }
 
     fn leg_gone(&mut self, leg: Leg) {
         let i = leg as usize;
         self.eof[i] = true;
+        self.dead[i] = true;
         self.close_sent[i] = true;
         self.pending[i] = Vec::new();
         self.inject[i] = Vec::new();
@@ -291,15 +298,15 @@ impl Tunnel {
         progress
     }
 
-    /// Each leg has closed (its Close went both ways) or is gone, and nothing waits.
+    /// Each leg is gone, or everything for it is written and it has nothing more to say
+    /// (its Close came, or it is no longer read).
     fn finished(&self) -> bool {
         [Leg::Client, Leg::Backend].iter().all(|&leg| {
             let i = leg as usize;
-            self.eof[i]
-                || (self.dirs[i].closed()
-                    && self.close_sent[i]
-                    && self.pending[i].is_empty()
-                    && self.inject[i].is_empty())
+            self.dead[i]
+                || (self.pending[i].is_empty()
+                    && self.inject[i].is_empty()
+                    && (self.eof[i] || (self.dirs[i].closed() && self.close_sent[i])))
         })
     }
 
@@ -374,18 +381,25 @@ impl Tunnel {
             (Leg::Client, abort.to_client),
             (Leg::Backend, abort.to_backend),
         ] {
+            let i = leg as usize;
+            if self.dirs[leg.other() as usize].mid_frame() {
+                // Cut in the middle of a frame toward it: no valid frame can follow.
+                self.dead[i] = true;
+                self.pending[i] = Vec::new();
+                continue;
+            }
             match reason {
-                Some(reason) if !self.eof[leg as usize] => {
+                Some(reason) if !self.dead[i] && !self.eof[i] => {
                     let code: u16 = reason.code.into();
                     let text = reason.description.as_deref().unwrap_or("");
                     self.inject_frame(leg, OP_CLOSE, &wire::close_payload(code, text));
                 }
-                _ => self.eof[leg as usize] = true,
+                _ => self.eof[i] = true,
             }
         }
-        // A leg that stopped answering gets its close frame as a courtesy, but nobody waits
-        // for its reply.
-        if let Ending::Silent(leg) = ending {
+        // A leg that stopped answering or broke the protocol is failed (RFC 6455 §7.1.7):
+        // it gets its close frame, but nobody waits for its reply.
+        if let Ending::Silent(leg) | Ending::Protocol(leg) | Ending::TooBig(leg) = ending {
             self.eof[leg as usize] = true;
         }
         self.arm_close_deadline = true;

@@ -65,7 +65,8 @@ impl Direction {
     }
 
     /// Takes `input` (bytes read from the leg) and appends what goes to the other leg to
-    /// `out`. An `Err` ends the tunnel; bytes after a Close frame are dropped.
+    /// `out`. An `Err` ends the tunnel (the frames before the bad one are in `out`); bytes
+    /// after a Close frame are dropped.
     pub fn process(
         &mut self,
         input: &[u8],
