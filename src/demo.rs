@@ -148,7 +148,7 @@ pub enum DemoError {
     #[error("demo configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
     #[error("{0}")]
-    Bind(#[from] crate::listener::BindError),
+    Start(#[from] crate::supervisor::StartError),
 }
 
 /// Runs the demo until SIGINT/SIGTERM.

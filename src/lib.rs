@@ -33,6 +33,7 @@ pub mod proxy;
 pub mod snapshot;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tls;
 pub mod tunnel;
 pub mod watcher;
 
@@ -43,8 +44,7 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 use config::Config;
-use listener::BindError;
-use supervisor::{BoundListener, Shutdown, Supervisor};
+use supervisor::{BoundListener, Shutdown, StartError, Supervisor};
 
 /// Selects ring as rustls' crypto provider (once per process; later calls do nothing).
 pub fn install_crypto_provider() {
@@ -70,7 +70,7 @@ pub async fn stop_signal() {
 /// Runs the gateway on the current actix system until SIGINT/SIGTERM, then shuts down
 /// gracefully.
 /// With a `path`, the file is watched and reloaded on change and on SIGHUP.
-pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), BindError> {
+pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError> {
     let started = Supervisor::start(config, path)?;
     stop_signal().await;
     let _ = started.supervisor.send(Shutdown).await;
@@ -87,7 +87,7 @@ pub struct GatewayThread {
 }
 
 impl GatewayThread {
-    pub fn spawn(config: Config) -> Result<GatewayThread, BindError> {
+    pub fn spawn(config: Config) -> Result<GatewayThread, StartError> {
         Self::spawn_watching(config, None)
     }
 
@@ -95,7 +95,7 @@ impl GatewayThread {
     pub fn spawn_watching(
         config: Config,
         path: Option<PathBuf>,
-    ) -> Result<GatewayThread, BindError> {
+    ) -> Result<GatewayThread, StartError> {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -114,17 +114,11 @@ impl GatewayThread {
                     }
                 });
             })
-            .map_err(|source| BindError {
-                name: "gateway".into(),
-                bind: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            })?;
+            .map_err(|err| StartError::Thread(err.to_string()))?;
         let started = started_rx.recv().unwrap_or_else(|_| {
-            Err(BindError {
-                name: "gateway".into(),
-                bind: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source: std::io::Error::other("the gateway thread died while starting"),
-            })
+            Err(StartError::Thread(
+                "the gateway thread died while starting".into(),
+            ))
         });
         match started {
             Ok((listeners, shared)) => Ok(GatewayThread {

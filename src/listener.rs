@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use actix_http::{HttpService, error::DispatchError};
 use actix_server::ServerHandle;
-use actix_service::{ServiceFactoryExt, fn_factory, fn_service, map_config};
+use actix_service::{ServiceFactory, ServiceFactoryExt, fn_factory, fn_service, map_config};
 use actix_web::dev::AppConfig;
 use actix_web::{App, web};
 use tokio::net::TcpStream;
@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use crate::config::ListenerConfig;
 use crate::proxy::websocket::{self, UpgradeContext};
 use crate::proxy::{self, ListenerInfo, Shared, UpstreamClients};
+use crate::tls::{self, CertResolver};
+use crate::tunnel::Io;
 
 /// Connections one worker accepts at most. actix's default (25,000) would cap a 2-worker
 /// gateway at 50,000 sockets; tunnels are capped by the open-file limit instead.
@@ -31,6 +33,8 @@ pub struct RunningListener {
     /// The address actually bound (port 0 in the file becomes the OS's choice).
     pub local_addr: SocketAddr,
     pub handle: ServerHandle,
+    /// A TLS listener's certificates, reloadable in place.
+    pub tls: Option<Arc<CertResolver>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +69,8 @@ pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, BindError> {
     })
 }
 
-/// Starts serving a bound socket on `workers` worker threads of its own.
+/// Starts serving a bound socket on `workers` worker threads of its own; a TLS listener
+/// terminates TLS with the certificates `tls` resolves.
 ///
 /// Built from actix-http directly rather than actix-web's `HttpServer` for one reason:
 /// its upgrade hook hands a WebSocket request over with the raw connection, so the tunnel
@@ -75,6 +80,7 @@ pub fn serve(
     workers: usize,
     shared: web::Data<Shared>,
     upstream_tls: Arc<rustls::ClientConfig>,
+    tls: Option<Arc<CertResolver>>,
 ) -> Result<RunningListener, BindError> {
     let BoundSocket {
         config,
@@ -83,63 +89,107 @@ pub fn serve(
     } = bound;
     let info = ListenerInfo {
         name: Arc::from(config.name.as_str()),
-        proto: "http",
+        proto: if tls.is_some() { "https" } else { "http" },
+        redirect_https: config.redirect_https,
     };
-    let name = config.name.clone();
-    let server = actix_server::Server::build()
+    let builder = actix_server::Server::build()
         .workers(workers)
         .disable_signals()
         .max_concurrent_connections(MAX_CONNECTIONS_PER_WORKER)
         // A listener removed by a reload stops accepting but its tunnels live on until they
         // close; the supervisor ends them itself at shutdown.
-        .shutdown_timeout(RETIRED_LISTENER_GRACE_SECS)
-        .listen(name, socket, move || {
-            // Runs once per worker: the backend clients are per worker (awc is !Send).
-            let clients = web::Data::new(UpstreamClients::new(Arc::clone(&upstream_tls)));
-            let upgrade = Rc::new(UpgradeContext {
-                shared: shared.clone(),
-                listener: info.clone(),
-                clients: clients.clone(),
-            });
-            let app = App::new()
-                .app_data(shared.clone())
-                .app_data(web::Data::new(info.clone()))
-                .app_data(clients)
-                // The proxy streams bodies; actix's default payload limits do not apply.
-                .default_service(web::to(proxy::handle));
-            let http = HttpService::build()
-                // Once a response (or a tunnel) is done, end the TCP connection at once
-                // instead of lingering for the client to do it: RFC 6455 §7.1.1 wants the
-                // server to close first, and a waiting client would wait actix's 1 s.
-                .client_disconnect_timeout(Duration::ZERO)
-                .upgrade(fn_factory(move || {
-                    let upgrade = Rc::clone(&upgrade);
+        .shutdown_timeout(RETIRED_LISTENER_GRACE_SECS);
+    let name = config.name.clone();
+    let server = match (&config.tls, tls.clone()) {
+        (Some(tls_config), Some(resolver)) => {
+            let acceptor =
+                tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(tls_config, resolver)));
+            builder.listen(name, socket, move || {
+                let acceptor = acceptor.clone();
+                fn_service(move |io: TcpStream| {
+                    let acceptor = acceptor.clone();
                     async move {
-                        Ok::<_, ()>(fn_service(move |(req, framed)| {
-                            websocket::serve_upgrade(req, framed, Rc::clone(&upgrade))
-                        }))
+                        let (io, peer) = accepted(io);
+                        let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io))
+                            .await
+                            .map_err(|_| DispatchError::SlowRequestTimeout)?
+                            .map_err(DispatchError::Io)?;
+                        Ok::<_, DispatchError>((tls, peer))
                     }
-                }))
-                .h1(map_config(app, |_| AppConfig::default()));
-            fn_service(|io: TcpStream| async move {
-                // Relayed small frames must not wait for a delayed ACK (Nagle).
-                let _ = io.set_nodelay(true);
-                let peer = io.peer_addr().ok();
-                Ok::<_, DispatchError>((io, peer))
+                })
+                .and_then(http_service(&shared, &info, &upstream_tls))
             })
-            .and_then(http)
-        })
-        .map_err(|source| BindError {
-            name: config.name.clone(),
-            bind: config.bind,
-            source,
-        })?
-        .run();
+        }
+        _ => builder.listen(name, socket, move || {
+            fn_service(|io: TcpStream| async move { Ok::<_, DispatchError>(accepted(io)) })
+                .and_then(http_service(&shared, &info, &upstream_tls))
+        }),
+    }
+    .map_err(|source| BindError {
+        name: config.name.clone(),
+        bind: config.bind,
+        source,
+    })?
+    .run();
     let handle = server.handle();
     actix_rt::spawn(server);
     Ok(RunningListener {
         config,
         local_addr,
         handle,
+        tls,
     })
+}
+
+/// A TLS client has this long to finish its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A freshly accepted connection: Nagle off (relayed small frames must not wait for a
+/// delayed ACK) and its peer address.
+fn accepted(io: TcpStream) -> (TcpStream, Option<std::net::SocketAddr>) {
+    let _ = io.set_nodelay(true);
+    let peer = io.peer_addr().ok();
+    (io, peer)
+}
+
+/// The HTTP/1.1 service of one worker over connections of type `T`: WebSocket upgrades go
+/// to the tunnel path, everything else to the plain HTTP proxy.
+fn http_service<T: Io>(
+    shared: &web::Data<Shared>,
+    info: &ListenerInfo,
+    upstream_tls: &Arc<rustls::ClientConfig>,
+) -> impl ServiceFactory<
+    (T, Option<std::net::SocketAddr>),
+    Config = (),
+    Response = (),
+    Error = DispatchError,
+    InitError = (),
+> + use<T> {
+    // Runs once per worker: the backend clients are per worker (awc is !Send).
+    let clients = web::Data::new(UpstreamClients::new(Arc::clone(upstream_tls)));
+    let upgrade = Rc::new(UpgradeContext {
+        shared: shared.clone(),
+        listener: info.clone(),
+        clients: clients.clone(),
+    });
+    let app = App::new()
+        .app_data(shared.clone())
+        .app_data(web::Data::new(info.clone()))
+        .app_data(clients)
+        // The proxy streams bodies; actix's default payload limits do not apply.
+        .default_service(web::to(proxy::handle));
+    HttpService::build()
+        // Once a response (or a tunnel) is done, end the TCP connection at once instead of
+        // lingering for the client to do it: RFC 6455 §7.1.1 wants the server to close
+        // first, and a waiting client would wait actix's 1 s.
+        .client_disconnect_timeout(Duration::ZERO)
+        .upgrade(fn_factory(move || {
+            let upgrade = Rc::clone(&upgrade);
+            async move {
+                Ok::<_, ()>(fn_service(move |(req, framed)| {
+                    websocket::serve_upgrade::<T>(req, framed, Rc::clone(&upgrade))
+                }))
+            }
+        }))
+        .h1(map_config(app, |_| AppConfig::default()))
 }

@@ -16,13 +16,14 @@ use actix_web::web;
 use sha2::{Digest, Sha256};
 
 use crate::config::diff::{self, Change};
-use crate::config::{self, Config};
+use crate::config::{self, Config, ListenerConfig};
 use crate::listener::{self, BindError, RunningListener};
 use crate::proxy::Shared;
 use crate::proxy::upstream_client;
 use crate::snapshot::Snapshot;
+use crate::tls::{self, CertResolver};
 use crate::tunnel::Ending;
-use crate::watcher::FileWatcher;
+use crate::watcher::{FileWatcher, WatchAlso};
 
 pub struct Supervisor {
     config: Arc<Config>,
@@ -34,6 +35,48 @@ pub struct Supervisor {
     retired: Vec<RunningListener>,
     upstream_tls: Arc<rustls::ClientConfig>,
     watcher: Option<actix::Addr<FileWatcher>>,
+}
+
+/// Every certificate and key file the configuration names (the watcher watches them).
+fn cert_files(config: &Config) -> Vec<PathBuf> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref())
+        .flat_map(|tls| {
+            tls.certs
+                .iter()
+                .flat_map(|c| [c.cert.clone(), c.key.clone()])
+        })
+        .collect()
+}
+
+/// A TLS listener's certificates, loaded (a bad file fails the start or the reload).
+fn certificates(l: &ListenerConfig) -> Result<Option<Arc<CertResolver>>, StartError> {
+    match &l.tls {
+        None => Ok(None),
+        Some(tls) => Ok(Some(CertResolver::new(tls::load_all(tls).map_err(
+            |source| StartError::Tls {
+                name: l.name.clone(),
+                source,
+            },
+        )?))),
+    }
+}
+
+/// Why the gateway could not start, or a reload could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("listener {name:?}: {source}")]
+    Tls { name: String, source: tls::TlsError },
+    #[error("cannot start the gateway thread: {0}")]
+    Thread(String),
+    #[error(
+        "listener {name:?}: turning TLS on or off or changing redirect_https on a bound listener needs a new listener (another name or address) or a restart"
+    )]
+    NeedsRestart { name: String },
 }
 
 /// A listener as bound, for callers that asked for port 0.
@@ -53,22 +96,23 @@ pub struct Started {
 impl Supervisor {
     /// Binds every listener of `config`, publishes its first snapshot and, with a `path`,
     /// watches that file for changes. Call inside an actix system.
-    pub fn start(config: Config, path: Option<PathBuf>) -> Result<Started, BindError> {
+    pub fn start(config: Config, path: Option<PathBuf>) -> Result<Started, StartError> {
         crate::install_crypto_provider();
         let config = Arc::new(config);
         let shared = web::Data::new(Shared::new(Snapshot::build(Arc::clone(&config), 1, None)));
         let upstream_tls = upstream_client::default_tls();
         let mut bound = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
-            bound.push(listener::bind(l)?);
+            bound.push((listener::bind(l)?, certificates(l)?));
         }
         let mut listeners = Vec::with_capacity(bound.len());
-        for socket in bound {
+        for (socket, tls) in bound {
             let running = listener::serve(
                 socket,
                 config.gateway.workers,
                 shared.clone(),
                 Arc::clone(&upstream_tls),
+                tls,
             )?;
             tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
             listeners.push(running);
@@ -91,6 +135,9 @@ impl Supervisor {
                 })
                 .ok()
         });
+        if let Some(watcher) = &watcher {
+            watcher.do_send(WatchAlso(cert_files(&config)));
+        }
         let supervisor = Supervisor {
             config,
             path,
@@ -130,7 +177,8 @@ impl Supervisor {
         // Reading the file fires events of its own, and editors write twice: the same
         // bytes are no change.
         if format!("{:x}", Sha256::digest(text.as_bytes())) == self.config.source.sha256 {
-            tracing::debug!(trigger, "configuration file unchanged");
+            // The certificates may have changed instead.
+            self.reload_certificates();
             return;
         }
         let new = match config::parse(&text, &path.display().to_string()) {
@@ -146,11 +194,50 @@ impl Supervisor {
             changes = %diff::summary(&changes), "configuration applied");
         self.drain(&changes, &new);
         self.config = new;
+        self.reload_certificates();
+        if let Some(watcher) = &self.watcher {
+            watcher.do_send(WatchAlso(cert_files(&self.config)));
+        }
+    }
+
+    /// Reads every TLS listener's certificates again; a file that does not load keeps the
+    /// certificate in use, and says why.
+    fn reload_certificates(&self) {
+        for l in &self.listeners {
+            let (Some(resolver), Some(tls)) = (
+                &l.tls,
+                self.config
+                    .listeners
+                    .iter()
+                    .find(|c| c.name == l.config.name)
+                    .and_then(|c| c.tls.as_ref()),
+            ) else {
+                continue;
+            };
+            match resolver.reload(tls) {
+                Ok(()) => tracing::debug!(listener = %l.config.name, "certificates loaded"),
+                Err(err) => tracing::error!(listener = %l.config.name,
+                    "certificate not reloaded, the current one stays: {err}"),
+            }
+        }
     }
 
     /// Binds what is new, then publishes the snapshot, then retires what is gone. Only
     /// binding can fail, and it happens before anything changes.
-    fn apply(&mut self, new: &Arc<Config>, changes: &[Change]) -> Result<(), BindError> {
+    fn apply(&mut self, new: &Arc<Config>, changes: &[Change]) -> Result<(), StartError> {
+        for l in &new.listeners {
+            if let Some(old) = self
+                .listeners
+                .iter()
+                .find(|o| o.config.name == l.name && o.config.bind == l.bind)
+                && (old.config.tls.is_some() != l.tls.is_some()
+                    || old.config.redirect_https != l.redirect_https)
+            {
+                return Err(StartError::NeedsRestart {
+                    name: l.name.clone(),
+                });
+            }
+        }
         let mut bound = Vec::new();
         for change in changes {
             if let Change::ListenerAdded(name) | Change::ListenerRebound(name) = change
@@ -159,7 +246,7 @@ impl Supervisor {
                 // A listener taking over the exact address of one this reload removes fails
                 // here: the old socket is still open, and closing it first could not be undone
                 // if the reload is then rejected. Such a move takes two reloads.
-                bound.push(listener::bind(l)?);
+                bound.push((listener::bind(l)?, certificates(l)?));
             }
         }
         let generation = self.shared.generation() + 1;
@@ -174,13 +261,14 @@ impl Supervisor {
                 self.retire_if(|old| old.config.name == *name);
             }
         }
-        for socket in bound {
+        for (socket, tls) in bound {
             // The socket is bound; serving it only fails if the OS refuses to listen.
             let running = listener::serve(
                 socket,
                 new.gateway.workers,
                 self.shared.clone(),
                 Arc::clone(&self.upstream_tls),
+                tls,
             )?;
             tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
             self.listeners.push(running);

@@ -8,8 +8,12 @@
 //! the file would trigger the next reload forever. (notify-debouncer-full was tried and
 //! dropped: with the file itself watched as a root it lost rename-replace events.)
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use actix::{Actor, Addr, AsyncContext, Context, Handler, Message, Recipient, SpawnHandle};
 use notify::event::ModifyKind;
@@ -21,6 +25,11 @@ use crate::supervisor::Reload;
 pub struct FileWatcher {
     path: PathBuf,
     watcher: RecommendedWatcher,
+    /// File names whose change concerns the configuration (the file and the certificates
+    /// it names), read by notify's thread.
+    names: Arc<ArcSwap<HashSet<OsString>>>,
+    /// Directories watched for the certificates.
+    extra_dirs: HashSet<PathBuf>,
     supervisor: Recipient<Reload>,
     /// The pending report, pushed back by every new event (the debounce).
     pending: Option<SpawnHandle>,
@@ -31,12 +40,17 @@ pub struct FileWatcher {
 #[rtype(result = "()")]
 struct Touched;
 
-/// Whether a change to `changed` can change the configuration file `name`: the file itself,
-/// or the `..data` symlink a Kubernetes ConfigMap mount swaps on update.
-fn concerns(changed: &Path, name: &OsString) -> bool {
+/// Watch these files too (the certificates the configuration names).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WatchAlso(pub Vec<PathBuf>);
+
+/// Whether a change to `changed` concerns one of the watched file `names`, or is the
+/// `..data` symlink a Kubernetes ConfigMap mount swaps on update.
+fn concerns(changed: &Path, names: &HashSet<OsString>) -> bool {
     changed
         .file_name()
-        .is_some_and(|n| n == name || n.to_string_lossy().starts_with("..data"))
+        .is_some_and(|n| names.contains(n) || n.to_string_lossy().starts_with("..data"))
 }
 
 impl FileWatcher {
@@ -45,6 +59,8 @@ impl FileWatcher {
     pub fn start(path: &Path, supervisor: Recipient<Reload>) -> notify::Result<Addr<FileWatcher>> {
         let path: PathBuf = crate::config::absolute_path(path);
         let name = path.file_name().map(OsString::from).unwrap_or_default();
+        let names = Arc::new(ArcSwap::from_pointee(HashSet::from([name.clone()])));
+        let seen = Arc::clone(&names);
         let dir = path
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
@@ -58,7 +74,8 @@ impl FileWatcher {
                 event.kind,
                 EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
             );
-            if content && event.paths.iter().any(|p| concerns(p, &name)) {
+            let names = seen.load();
+            if content && event.paths.iter().any(|p| concerns(p, &names)) {
                 me.do_send(Touched);
             }
         };
@@ -71,6 +88,8 @@ impl FileWatcher {
         Ok(ctx.run(FileWatcher {
             path,
             watcher,
+            names,
+            extra_dirs: HashSet::new(),
             supervisor,
             pending: None,
         }))
@@ -79,6 +98,32 @@ impl FileWatcher {
 
 impl Actor for FileWatcher {
     type Context = Context<Self>;
+}
+
+impl Handler<WatchAlso> for FileWatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: WatchAlso, _: &mut Self::Context) {
+        let mut names: HashSet<OsString> = self
+            .path
+            .file_name()
+            .map(OsString::from)
+            .into_iter()
+            .collect();
+        for file in &msg.0 {
+            let file = crate::config::absolute_path(file);
+            if let Some(name) = file.file_name() {
+                names.insert(name.to_os_string());
+            }
+            if let Some(dir) = file.parent()
+                && self.extra_dirs.insert(dir.to_path_buf())
+                && let Err(err) = self.watcher.watch(dir, RecursiveMode::NonRecursive)
+            {
+                tracing::warn!("not watching {}: {err}", dir.display());
+            }
+        }
+        self.names.store(Arc::new(names));
+    }
 }
 
 impl Handler<Touched> for FileWatcher {
@@ -106,12 +151,13 @@ mod tests {
 
     #[test]
     fn only_the_file_and_configmap_swaps_concern_it() {
-        let name = OsString::from("config.toml");
-        assert!(concerns(Path::new("/etc/wsgate/config.toml"), &name));
-        assert!(concerns(Path::new("/etc/wsgate/..data"), &name));
-        assert!(concerns(Path::new("/etc/wsgate/..data_tmp"), &name));
-        assert!(!concerns(Path::new("/etc/wsgate/other.toml"), &name));
-        assert!(!concerns(Path::new("/etc/wsgate/.config.toml.swp"), &name));
+        let names = HashSet::from([OsString::from("config.toml"), OsString::from("site.pem")]);
+        assert!(concerns(Path::new("/etc/wsgate/config.toml"), &names));
+        assert!(concerns(Path::new("/etc/wsgate/certs/site.pem"), &names));
+        assert!(concerns(Path::new("/etc/wsgate/..data"), &names));
+        assert!(concerns(Path::new("/etc/wsgate/..data_tmp"), &names));
+        assert!(!concerns(Path::new("/etc/wsgate/other.toml"), &names));
+        assert!(!concerns(Path::new("/etc/wsgate/.config.toml.swp"), &names));
     }
 }
 

@@ -67,6 +67,26 @@ pub struct GatewayConfig {
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
+    /// Terminates TLS (`wss://`, `https://`) with these certificates.
+    pub tls: Option<TlsConfig>,
+    /// Answers every request with a 308 to `https://` on this port instead of proxying.
+    pub redirect_https: Option<u16>,
+}
+
+/// A TLS listener's certificates (chosen by SNI) and protocol floor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub certs: Vec<CertFiles>,
+    /// Offer TLS 1.3 only (`min_version = "1.3"`); otherwise TLS 1.2 and 1.3. Nothing older
+    /// is ever offered.
+    pub tls13_only: bool,
+}
+
+/// A certificate chain and its key, as PEM files (paths relative to the config file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Everything a tunnel (and a proxied HTTP request) needs from its route.
@@ -183,7 +203,15 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
         at(err.span().unwrap_or(0..0), message)
     })?;
     let sha256 = format!("{:x}", Sha256::digest(text.as_bytes()));
-    Validator { at: &at }.config(
+    let base = Path::new(path)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    Validator {
+        at: &at,
+        base: &base,
+    }
+    .config(
         raw,
         ConfigSource {
             path: path.to_string(),
@@ -203,6 +231,8 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 
 struct Validator<'a> {
     at: &'a dyn Fn(Range<usize>, String) -> ConfigError,
+    /// The config file's directory: relative paths in the file start there.
+    base: &'a Path,
 }
 
 impl Validator<'_> {
@@ -297,9 +327,73 @@ impl Validator<'_> {
                     format!("duplicate bind: {bind} is already bound by another listener"),
                 );
             }
-            out.push(ListenerConfig { name, bind });
+            let tls = match &listener.tls {
+                Some(tls) => Some(self.tls(tls)?),
+                None => None,
+            };
+            let redirect_https = match &listener.redirect_https {
+                None => None,
+                Some(r) if matches!(r.get_ref(), raw::RawRedirect::On(false)) => None,
+                Some(r) if tls.is_some() => {
+                    return self.err(
+                        r.span(),
+                        "redirect_https is for plain listeners; this one terminates TLS",
+                    );
+                }
+                Some(r) => match r.get_ref() {
+                    raw::RawRedirect::Port(p) => match u16::try_from(*p) {
+                        Ok(port) if port > 0 => Some(port),
+                        _ => {
+                            return self
+                                .err(r.span(), format!("redirect_https port {p} is not a port"));
+                        }
+                    },
+                    raw::RawRedirect::On(_) => Some(443),
+                },
+            };
+            out.push(ListenerConfig {
+                name,
+                bind,
+                tls,
+                redirect_https,
+            });
         }
         Ok(out)
+    }
+
+    fn tls(&self, tls: &Spanned<raw::RawTls>) -> Result<TlsConfig, ConfigError> {
+        let raw = tls.get_ref();
+        let path = |p: &str| self.base.join(p);
+        let certs = match (&raw.cert, &raw.key, &raw.certs) {
+            (Some(cert), Some(key), None) => vec![CertFiles {
+                cert: path(cert),
+                key: path(key),
+            }],
+            (None, None, Some(pairs)) if !pairs.is_empty() => pairs
+                .iter()
+                .map(|p| CertFiles {
+                    cert: path(&p.cert),
+                    key: path(&p.key),
+                })
+                .collect(),
+            _ => {
+                return self.err(
+                    tls.span(),
+                    "tls needs `cert` and `key`, or `certs = [{ cert = \"…\", key = \"…\" }, …]`",
+                );
+            }
+        };
+        let tls13_only = match &raw.min_version {
+            None => false,
+            Some(v) => match v.get_ref().as_str() {
+                "1.2" => false,
+                "1.3" => true,
+                other => {
+                    return self.err(v.span(), format!("min_version {other:?}: expected \"1.2\" or \"1.3\" (older versions are never offered)"));
+                }
+            },
+        };
+        Ok(TlsConfig { certs, tls13_only })
     }
 
     fn socket_addr(&self, text: &Spanned<String>) -> Result<SocketAddr, ConfigError> {

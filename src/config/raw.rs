@@ -149,6 +149,33 @@ pub struct RawGateway {
 pub struct RawListener {
     pub name: Option<Spanned<String>>,
     pub bind: Spanned<String>,
+    pub tls: Option<Spanned<RawTls>>,
+    pub redirect_https: Option<Spanned<RawRedirect>>,
+}
+
+/// `tls = { cert = "…", key = "…" }` or `tls = { certs = [{ cert, key }, …] }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub certs: Option<Vec<RawCertPair>>,
+    pub min_version: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertPair {
+    pub cert: String,
+    pub key: String,
+}
+
+/// `redirect_https = true` (to port 443) or `redirect_https = 8443`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawRedirect {
+    On(bool),
+    Port(i64),
 }
 
 with_tunnel_settings! {

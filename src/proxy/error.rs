@@ -19,6 +19,8 @@ pub enum ProxyError {
     Timeout { upstream: String, detail: String },
     #[error("the backend refused the WebSocket upgrade with status {0}")]
     Refused(StatusCode),
+    #[error("this address serves https only: {0}")]
+    Redirect(String),
 }
 
 impl From<HandshakeError> for ProxyError {
@@ -51,12 +53,16 @@ impl ResponseError for ProxyError {
             ProxyError::Unavailable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Refused(status) => *status,
+            ProxyError::Redirect(_) => StatusCode::PERMANENT_REDIRECT,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
         response.content_type("text/plain; charset=utf-8");
+        if let ProxyError::Redirect(location) = self {
+            response.insert_header((header::LOCATION, location.as_str()));
+        }
         if matches!(
             self,
             ProxyError::UnsupportedVersion | ProxyError::BadUpgrade(_)

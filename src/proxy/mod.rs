@@ -53,6 +53,25 @@ pub struct ListenerInfo {
     pub name: Arc<str>,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
+    /// Answer everything with a 308 to `https://` on this port (`redirect_https`).
+    pub redirect_https: Option<u16>,
+}
+
+/// The 308 toward `https://host[:port]/path?query` for a request on a plain listener.
+pub fn redirect(head: &RequestHead, port: u16) -> ProxyError {
+    let host = request_host(head).unwrap_or("localhost");
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let port = if port == 443 {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    ProxyError::Redirect(format!("https://{host}{port}{path}"))
 }
 
 /// A request matched to its route, with what both proxy paths need.
@@ -122,6 +141,9 @@ pub async fn handle(
     listener: web::Data<ListenerInfo>,
     clients: web::Data<UpstreamClients>,
 ) -> Result<HttpResponse, ProxyError> {
+    if let Some(port) = listener.redirect_https {
+        return Err(redirect(req.head(), port));
+    }
     let matched = match_route(&shared, &listener, req.head())?;
     http::proxy(req, payload, matched, &listener, &clients).await
 }

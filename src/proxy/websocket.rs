@@ -17,13 +17,12 @@ use actix_web::ResponseError;
 use actix_web::web;
 use awc::error::{ConnectError, SendRequestError, WsClientError};
 use tokio::io::AsyncWriteExt as _;
-use tokio::net::TcpStream;
 
 use super::headers::{self, Forwarded};
 use super::{ListenerInfo, ProxyError, Shared, UpstreamClients, authority, match_route};
 use crate::config::TunnelSettings;
 use crate::pool::Server;
-use crate::tunnel::{LegIo, Tunnel, TunnelParams};
+use crate::tunnel::{Io, LegIo, Tunnel, TunnelParams};
 
 /// A backend answer or a refusal has to reach the client within this time, or the client
 /// is not reading and is dropped.
@@ -48,9 +47,9 @@ enum DialError {
 }
 
 /// The upgrade service: answers the client on its raw connection, then starts the tunnel.
-pub async fn serve_upgrade(
+pub async fn serve_upgrade<T: Io>(
     req: Request,
-    framed: Framed<TcpStream, h1::Codec>,
+    framed: Framed<T, h1::Codec>,
     ctx: Rc<UpgradeContext>,
 ) -> Result<(), actix_http::Error> {
     // Only the socket and the bytes already read from it are kept; the HTTP codec, its
@@ -62,7 +61,10 @@ pub async fn serve_upgrade(
     } = framed.into_parts();
     // Boxed: the dial's large future would otherwise stay part of this one (and of every
     // tunnel's memory) while it waits for the tunnel to end.
-    let outcome = Box::pin(accept(&req, &ctx)).await;
+    let outcome = match ctx.listener.redirect_https {
+        Some(port) => Err(super::redirect(req.head(), port)),
+        None => Box::pin(accept(&req, &ctx)).await,
+    };
     drop(req);
     match outcome {
         Ok(accepted) => {

@@ -1,0 +1,263 @@
+//! TLS termination with certificates made in the test: wss:// end to end, SNI, the
+//! protocol floor, a rotated certificate served without restart, the https redirect.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::SinkExt;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A test CA and leaf certificates it signs, written as PEM files in a directory.
+struct Pki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Pki {
+            ca,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Writes `NAME.pem` and `NAME.key` for a leaf valid for `names`; returns its DER.
+    fn leaf(&self, file: &str, names: &[&str]) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        std::fs::write(self.path(&format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(self.path(&format!("{file}.key")), key.serialize_pem()).unwrap();
+        cert.der().clone()
+    }
+
+    fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.as_ref().der().clone()).unwrap();
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        )
+    }
+}
+
+/// A TLS connection to the gateway for `sni`; returns the stream and the leaf it presented.
+async fn tls_connect(
+    pki: &Pki,
+    gateway: std::net::SocketAddr,
+    sni: &str,
+) -> (
+    tokio_rustls::client::TlsStream<TcpStream>,
+    CertificateDer<'static>,
+) {
+    let connector = tokio_rustls::TlsConnector::from(pki.client_config());
+    let tcp = TcpStream::connect(gateway).await.unwrap();
+    let tls = tokio::time::timeout(
+        STEP,
+        connector.connect(ServerName::try_from(sni.to_string()).unwrap(), tcp),
+    )
+    .await
+    .expect("TLS handshake in time")
+    .expect("TLS handshake");
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned();
+    (tls, leaf)
+}
+
+fn tls_config(
+    pki: &Pki,
+    backend: std::net::SocketAddr,
+    extra_listener: &str,
+) -> (String, std::path::PathBuf) {
+    let text = format!(
+        r#"
+        [gateway]
+        workers = 1
+        [[listener]]
+        name = "tls"
+        bind = "127.0.0.1:0"
+        tls = {{ certs = [{{ cert = "a.pem", key = "a.key" }}, {{ cert = "b.pem", key = "b.key" }}] }}
+        {extra_listener}
+        [[route]]
+        upstream = "u"
+        [upstream.u]
+        servers = ["{backend}"]
+        "#
+    );
+    let path = pki.path("config.toml");
+    std::fs::write(&path, &text).unwrap();
+    (text, path)
+}
+
+fn start(path: &Path) -> GatewayThread {
+    let config = wsgate::config::load(path).unwrap_or_else(|e| panic!("{e}"));
+    GatewayThread::spawn_watching(config, Some(path.to_path_buf())).expect("gateway starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_end_to_end_with_sni_choosing_the_certificate() {
+    let pki = Pki::new();
+    let a = pki.leaf("a", &["a.test"]);
+    let b = pki.leaf("b", &["b.test", "*.b.test"]);
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let (_, path) = tls_config(&pki, backend.addr, "");
+    let gw = start(&path);
+    let addr = gw.addr("tls").unwrap();
+
+    let (_, leaf) = tls_connect(&pki, addr, "a.test").await;
+    assert_eq!(leaf, a);
+    let (_, leaf) = tls_connect(&pki, addr, "x.b.test").await;
+    assert_eq!(leaf, b);
+
+    let (stream, _) = tls_connect(&pki, addr, "b.test").await;
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://b.test/chat", stream)
+        .await
+        .unwrap();
+    ws.send(Message::text("over tls")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("over tls"));
+    let seen = backend.last();
+    assert_eq!(
+        seen.headers.get("x-forwarded-proto").map(String::as_str),
+        Some("https")
+    );
+    assert_eq!(seen.headers.get("host").map(String::as_str), Some("b.test"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_served_to_the_next_handshake() {
+    let pki = Pki::new();
+    let old = pki.leaf("a", &["a.test"]);
+    pki.leaf("b", &["b.test"]);
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let (_, path) = tls_config(&pki, backend.addr, "");
+    let gw = start(&path);
+    let addr = gw.addr("tls").unwrap();
+    let (kept, leaf) = tls_connect(&pki, addr, "a.test").await;
+    assert_eq!(leaf, old);
+
+    // A broken file first: the old certificate stays.
+    std::fs::write(pki.path("a.pem"), "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(tls_connect(&pki, addr, "a.test").await.1, old);
+
+    let new = pki.leaf("a", &["a.test"]);
+    assert_ne!(new, old);
+    let started = Instant::now();
+    loop {
+        if tls_connect(&pki, addr, "a.test").await.1 == new {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the new certificate was not served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(kept);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_1_and_tls_1_2_under_min_version_1_3_are_refused() {
+    let pki = Pki::new();
+    pki.leaf("a", &["a.test"]);
+    pki.leaf("b", &["b.test"]);
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let (text, path) = tls_config(&pki, backend.addr, "");
+    let gw = start(&path);
+    let addr = gw.addr("tls").unwrap();
+    let s_client = |version: &str| {
+        std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &addr.to_string(),
+                "-servername",
+                "a.test",
+                version,
+            ])
+            .args(["-cipher", "DEFAULT@SECLEVEL=0"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl is installed")
+    };
+    let tls11 = s_client("-tls1_1");
+    assert!(!tls11.status.success(), "a TLS 1.1 handshake must fail");
+    let tls12 = s_client("-tls1_2");
+    assert!(
+        tls12.status.success(),
+        "TLS 1.2 is accepted by default: {}",
+        String::from_utf8_lossy(&tls12.stderr)
+    );
+    drop(gw);
+
+    std::fs::write(&path, text.replace("}] }", "}], min_version = \"1.3\" }")).unwrap();
+    let gw = start(&path);
+    let addr = gw.addr("tls").unwrap();
+    let tls12 = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "a.test",
+            "-tls1_2",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !tls12.status.success(),
+        "min_version = \"1.3\" refuses TLS 1.2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_listener_redirects_to_https_with_308() {
+    let pki = Pki::new();
+    pki.leaf("a", &["a.test"]);
+    pki.leaf("b", &["b.test"]);
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let (_, path) = tls_config(
+        &pki,
+        backend.addr,
+        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nredirect_https = 8443\n",
+    );
+    let gw = start(&path);
+    let plain = gw.addr("plain").unwrap();
+    let (status, head, _) = http(
+        plain,
+        "GET /chat/room?x=1 HTTP/1.1\r\nHost: a.test:8080\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 308);
+    assert!(
+        head.contains("location: https://a.test:8443/chat/room?x=1")
+            || head.contains("Location: https://a.test:8443/chat/room?x=1"),
+        "{head}"
+    );
+    // A WebSocket upgrade on the plain port is redirected as well.
+    let (status, _) = refused_status(&format!("ws://{plain}/chat")).await;
+    assert_eq!(status, 308);
+}
