@@ -27,6 +27,7 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod limits;
 pub mod listener;
 pub mod pool;
 pub mod proxy;

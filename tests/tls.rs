@@ -258,6 +258,15 @@ async fn plain_listener_redirects_to_https_with_308() {
         "{head}"
     );
     // A WebSocket upgrade on the plain port is redirected as well.
-    let (status, _) = refused_status(&format!("ws://{plain}/chat")).await;
+    let (status, head, _) = http(
+        plain,
+        "GET /chat HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
     assert_eq!(status, 308);
+    assert!(
+        head.contains("Location: https://a.test:8443/chat"),
+        "{head}"
+    );
 }

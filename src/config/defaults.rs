@@ -60,5 +60,13 @@ pub const KETAMA_POINTS_PER_WEIGHT: u32 = 160;
 /// Weight of a server written without one.
 pub const SERVER_WEIGHT: u32 = 1;
 
+/// Tunnels the whole gateway holds at most (503 above it): a bound on memory and file
+/// descriptors that a flood of upgrades cannot push past.
+pub const MAX_CONNECTIONS: usize = 65_536;
+
+/// Tunnels one client address may hold (429 above it); off, because whole offices and
+/// mobile carriers share one address behind NAT.
+pub const MAX_CONNECTIONS_PER_IP: usize = 0;
+
 /// The default configuration file, relative to the working directory.
 pub const CONFIG_PATH: &str = "config/config.toml";

@@ -61,6 +61,10 @@ pub struct GatewayConfig {
     pub admin: Option<SocketAddr>,
     pub workers: usize,
     pub shutdown_timeout: Duration,
+    /// Tunnels the gateway holds at most (0 = no limit); 503 above it.
+    pub max_connections: usize,
+    /// Tunnels one client address may hold (0 = no limit); 429 above it.
+    pub max_connections_per_ip: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,7 +146,41 @@ pub struct RouteConfig {
     pub listeners: Vec<String>,
     /// Host header sent to the backend; `None` passes the client's Host through.
     pub host_header: Option<String>,
+    /// Tunnels this route holds at most (0 = no limit); 503 above it.
+    pub max_connections: usize,
+    /// Origins allowed to open a WebSocket here (empty = any); 403 otherwise.
+    pub allowed_origins: Vec<OriginMatch>,
     pub settings: TunnelSettings,
+}
+
+/// One `allowed_origins` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginMatch {
+    /// `https://app.example.com`: scheme, host and port as the browser sends them.
+    Exact(String),
+    /// `app.example.com`: that host, any scheme or port.
+    Host(String),
+    /// `*.example.com`: any host under it, stored as `.example.com`.
+    Suffix(String),
+}
+
+impl OriginMatch {
+    /// Whether the `Origin` header value is allowed by this entry.
+    pub fn allows(&self, origin: &str) -> bool {
+        let host = origin
+            .split_once("://")
+            .map_or(origin, |(_, rest)| rest)
+            .split(['/', ':'])
+            .next()
+            .unwrap_or("");
+        match self {
+            OriginMatch::Exact(o) => origin.eq_ignore_ascii_case(o),
+            OriginMatch::Host(h) => host.eq_ignore_ascii_case(h),
+            OriginMatch::Suffix(s) => {
+                host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,6 +337,14 @@ impl Validator<'_> {
                 .gateway
                 .shutdown_timeout
                 .map_or(defaults::SHUTDOWN_TIMEOUT, |d| d.0),
+            max_connections: raw
+                .gateway
+                .max_connections
+                .unwrap_or(defaults::MAX_CONNECTIONS),
+            max_connections_per_ip: raw
+                .gateway
+                .max_connections_per_ip
+                .unwrap_or(defaults::MAX_CONNECTIONS_PER_IP),
         })
     }
 
@@ -550,6 +596,29 @@ impl Validator<'_> {
             Some(h) => Some(h.get_ref().clone()),
             None => None,
         };
+        let mut allowed_origins = Vec::new();
+        for origin in route.allowed_origins.iter().flatten() {
+            let text = origin
+                .get_ref()
+                .trim()
+                .trim_end_matches('/')
+                .to_ascii_lowercase();
+            allowed_origins.push(if text.contains("://") {
+                OriginMatch::Exact(text)
+            } else if let Some(suffix) = text.strip_prefix('*') {
+                if !suffix.starts_with('.') || suffix.len() < 2 {
+                    return self.err(origin.span(), "a wildcard origin must look like \"*.example.com\"");
+                }
+                OriginMatch::Suffix(suffix.to_string())
+            } else if text.is_empty() || text.contains(['*', ' ', '/']) {
+                return self.err(
+                    origin.span(),
+                    format!("invalid origin {:?}: write \"https://app.example.com\", \"app.example.com\" or \"*.example.com\"", origin.get_ref()),
+                );
+            } else {
+                OriginMatch::Host(text)
+            });
+        }
         Ok(RouteConfig {
             host,
             path,
@@ -557,6 +626,8 @@ impl Validator<'_> {
             upstream: upstream.clone(),
             listeners: names,
             host_header,
+            max_connections: route.max_connections.unwrap_or(0),
+            allowed_origins,
             settings: self.settings(&route.settings(), base)?,
         })
     }

@@ -141,6 +141,8 @@ pub struct RawGateway {
     pub admin: Option<Spanned<String>>,
     pub workers: Option<Spanned<usize>>,
     pub shutdown_timeout: Option<HumanDuration>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// One `[[listener]]`.
@@ -187,6 +189,8 @@ with_tunnel_settings! {
         pub upstream: Spanned<String>,
         pub listeners: Option<Vec<Spanned<String>>>,
         pub host_header: Option<Spanned<String>>,
+        pub max_connections: Option<usize>,
+        pub allowed_origins: Option<Vec<Spanned<String>>>,
     }
 }
 

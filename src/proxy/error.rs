@@ -21,6 +21,12 @@ pub enum ProxyError {
     Refused(StatusCode),
     #[error("this address serves https only: {0}")]
     Redirect(String),
+    #[error("too many open connections ({0}), try again shortly")]
+    Busy(&'static str),
+    #[error("too many open connections from your address, try again shortly")]
+    TooManyFromAddress,
+    #[error("origin {0:?} may not open a WebSocket here")]
+    OriginNotAllowed(String),
 }
 
 impl From<HandshakeError> for ProxyError {
@@ -54,6 +60,9 @@ impl ResponseError for ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Refused(status) => *status,
             ProxyError::Redirect(_) => StatusCode::PERMANENT_REDIRECT,
+            ProxyError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::TooManyFromAddress => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
         }
     }
 

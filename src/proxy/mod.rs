@@ -20,6 +20,7 @@ use arc_swap::ArcSwap;
 pub use error::ProxyError;
 pub use upstream_client::UpstreamClients;
 
+use crate::limits::Limits;
 use crate::snapshot::{Route, Snapshot};
 use crate::tunnel::Registry;
 
@@ -30,6 +31,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Reloads that failed (bad file, bind error); the running config stayed.
     pub reloads_rejected: AtomicU64,
+    /// Tunnel counts the connection limits are checked against.
+    pub limits: Limits,
 }
 
 impl Shared {
@@ -38,6 +41,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry: Arc::new(Registry::default()),
             reloads_rejected: AtomicU64::new(0),
+            limits: Limits::default(),
         }
     }
 

@@ -21,6 +21,7 @@ use tokio::io::AsyncWriteExt as _;
 use super::headers::{self, Forwarded};
 use super::{ListenerInfo, ProxyError, Shared, UpstreamClients, authority, match_route};
 use crate::config::TunnelSettings;
+use crate::limits::Permits;
 use crate::pool::Server;
 use crate::tunnel::{Io, LegIo, Tunnel, TunnelParams};
 
@@ -117,6 +118,22 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
         ))?;
     let route = &matched.route;
     let settings = route.config.settings;
+    if !route.config.allowed_origins.is_empty() {
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .unwrap_or("");
+        if !route
+            .config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed.allows(origin))
+        {
+            return Err(ProxyError::OriginNotAllowed(origin.to_string()));
+        }
+    }
+    let permits = permits(&ctx.shared, &matched)?;
     let to_backend = headers::to_backend(
         req.headers(),
         &Forwarded {
@@ -168,6 +185,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
                     },
                     params: TunnelParams {
                         settings,
+                        permits,
                         registry: Arc::clone(&ctx.shared.registry),
                         lease: server.lease(),
                         upstream: Arc::from(route.config.upstream.as_str()),
@@ -195,6 +213,36 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
             upstream,
             detail: "no servers".to_string(),
         },
+    })
+}
+
+/// Places for one more tunnel under every limit, or the refusal that applies.
+fn permits(shared: &Shared, matched: &super::Matched) -> Result<Permits, ProxyError> {
+    let limits = &shared.limits;
+    let gateway = &shared.snapshot.load().config.gateway;
+    let refuse = |err| {
+        limits.note_refused();
+        Err(err)
+    };
+    let Some(ip) = limits.per_ip.acquire(
+        matched.client_ip.to_canonical(),
+        gateway.max_connections_per_ip,
+    ) else {
+        return refuse(ProxyError::TooManyFromAddress);
+    };
+    let Some(total) = limits.total.acquire((), gateway.max_connections) else {
+        return refuse(ProxyError::Busy("gateway max_connections"));
+    };
+    let Some(route) = limits.per_route.acquire(
+        matched.route.label.clone(),
+        matched.route.config.max_connections,
+    ) else {
+        return refuse(ProxyError::Busy("route max_connections"));
+    };
+    Ok(Permits {
+        _total: total,
+        _route: route,
+        _ip: ip,
     })
 }
 
@@ -242,6 +290,11 @@ fn refusal(err: &ProxyError) -> Vec<u8> {
         status.canonical_reason().unwrap_or(""),
         body.len()
     );
+    match err {
+        ProxyError::Redirect(location) => head.push_str(&format!("Location: {location}\r\n")),
+        ProxyError::Busy(_) | ProxyError::TooManyFromAddress => head.push_str("Retry-After: 1\r\n"),
+        _ => {}
+    }
     if matches!(
         err,
         ProxyError::UnsupportedVersion | ProxyError::BadUpgrade(_)

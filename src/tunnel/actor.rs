@@ -27,6 +27,7 @@ use super::wire::{self, OP_CLOSE, OP_PING};
 use super::{Leg, Registry, RegistryEntry};
 use crate::config::TunnelSettings;
 use crate::config::defaults::CLOSE_TIMEOUT;
+use crate::limits::Permits;
 use crate::pool::ServerLease;
 
 /// A leg's byte stream: a TCP connection, or later TLS on top of one.
@@ -43,6 +44,8 @@ pub struct LegIo {
 /// What a tunnel needs besides its two sockets.
 pub struct TunnelParams {
     pub settings: TunnelSettings,
+    /// The tunnel's places under the connection limits, held for its life.
+    pub permits: Permits,
     pub registry: Arc<Registry>,
     pub lease: ServerLease,
     /// The upstream the server was picked from (draining is per upstream).
@@ -107,6 +110,7 @@ pub struct Tunnel {
     early: [bytes::Bytes; 2],
     /// Told when the tunnel is gone (dropping it is the message).
     _done: tokio::sync::oneshot::Sender<()>,
+    _permits: Permits,
 }
 
 impl Tunnel {
@@ -156,6 +160,7 @@ impl Tunnel {
             ending: None,
             early: [early(client.early), early(backend.early)],
             _done: done,
+            _permits: params.permits,
         }
         .start();
         gone

@@ -1,0 +1,129 @@
+//! Edge protection: allowed origins (403), connection caps per route and in total (503
+//! with Retry-After), per client address (429). Each limit answers before a backend is
+//! dialled, and gives its place back when a tunnel ends.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+fn config(route_extra: &str, gateway_extra: &str) -> String {
+    format!(
+        "[gateway]\nworkers = 1\n{gateway_extra}\n[[listener]]\nbind = \"127.0.0.1:0\"\n\
+         [[route]]\nupstream = \"u\"\n{route_extra}\n[upstream.u]\nservers = [\"{{BACKEND_1}}\"]\n"
+    )
+}
+
+async fn with_origin(url: &str, origin: Option<&str>) -> Result<(), u16> {
+    let mut request = url.into_client_request().unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+    }
+    match tokio::time::timeout(STEP, tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap()
+    {
+        Ok(_) => Ok(()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_origins_may_open_a_websocket() {
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(
+        &config(
+            r#"allowed_origins = ["https://app.example.com", "*.partner.org"]"#,
+            "",
+        ),
+        &[backend.addr],
+    );
+    let url = format!("ws://{}/", addr(&gw));
+    assert_eq!(
+        with_origin(&url, Some("https://app.example.com")).await,
+        Ok(())
+    );
+    assert_eq!(
+        with_origin(&url, Some("https://eu.partner.org")).await,
+        Ok(())
+    );
+    assert_eq!(
+        with_origin(&url, Some("http://app.example.com")).await,
+        Err(403),
+        "scheme differs"
+    );
+    assert_eq!(with_origin(&url, Some("https://evil.com")).await, Err(403));
+    assert_eq!(
+        with_origin(&url, Some("https://partner.org.evil.com")).await,
+        Err(403)
+    );
+    assert_eq!(with_origin(&url, None).await, Err(403));
+    assert_eq!(
+        backend.handshakes(),
+        2,
+        "refused handshakes never reach the backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_cap_answers_503_with_retry_after_and_frees_the_place_on_close() {
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(&config("max_connections = 2", ""), &[backend.addr]);
+    let a = addr(&gw);
+    let first = connect(&format!("ws://{a}/")).await;
+    let _second = connect(&format!("ws://{a}/")).await;
+    let (status, head, _) = http(
+        a,
+        &format!(
+            "GET / HTTP/1.1\r\nHost: {a}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    drop(first);
+    let started = Instant::now();
+    loop {
+        match with_origin(&format!("ws://{a}/"), None).await {
+            Ok(()) => break,
+            Err(503) if started.elapsed() < Duration::from_secs(3) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => panic!("the closed tunnel's place was not given back: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_cap_answers_429_and_spares_other_addresses() {
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(&config("", "max_connections_per_ip = 2"), &[backend.addr]);
+    let a = addr(&gw);
+    let busy = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 55));
+    let _one = connect_from(busy, a, "/").await;
+    let _two = connect_from(busy, a, "/").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((busy, 0).into()).unwrap();
+    let stream = socket.connect(a).await.unwrap();
+    match tokio_tungstenite::client_async(format!("ws://{a}/"), stream).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 429)
+        }
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
+    let mut other = connect_from(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 56)), a, "/").await;
+    other.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_data(&mut other).await, Message::text("hi"));
+}
