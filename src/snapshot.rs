@@ -29,21 +29,32 @@ impl Snapshot {
     /// Builds the snapshot for `config`. Pools whose upstream did not change are taken
     /// whole from `previous` (keeping round-robin position), and servers that stay keep
     /// their live counters.
-    pub fn build(config: Arc<Config>, generation: u64, previous: Option<&Snapshot>) -> Snapshot {
+    ///
+    /// `upstream_tls` holds the client TLS settings of every upstream with TLS servers.
+    pub fn build(
+        config: Arc<Config>,
+        generation: u64,
+        previous: Option<&Snapshot>,
+        upstream_tls: &HashMap<String, Arc<rustls::ClientConfig>>,
+    ) -> Snapshot {
         let mut pools = HashMap::new();
         for (name, upstream) in &config.upstreams {
             let old = previous.and_then(|p| p.pools.get(name));
             let pool = match old {
                 Some(old) if old.config == *upstream => Arc::clone(old),
-                _ => Arc::new(Pool::build(Arc::clone(upstream), |server| {
-                    previous?
-                        .pools
-                        .values()
-                        .flat_map(|p| p.servers.iter())
-                        // By address: a new weight keeps the server and its counters.
-                        .find(|s| s.config.addr == server.addr)
-                        .cloned()
-                })),
+                _ => Arc::new(Pool::build(
+                    Arc::clone(upstream),
+                    upstream_tls.get(name).cloned(),
+                    |server| {
+                        previous?
+                            .pools
+                            .values()
+                            .flat_map(|p| p.servers.iter())
+                            // By address: a new weight keeps the server and its counters.
+                            .find(|s| s.config.addr == server.addr)
+                            .cloned()
+                    },
+                )),
             };
             pools.insert(name.clone(), pool);
         }
@@ -110,7 +121,7 @@ mod tests {
 
     fn snapshot(toml: &str) -> Snapshot {
         let config = crate::config::parse(toml, "test.toml").unwrap();
-        Snapshot::build(Arc::new(config), 1, None)
+        Snapshot::build(Arc::new(config), 1, None, &HashMap::new())
     }
 
     const ROUTES: &str = r#"
@@ -231,7 +242,7 @@ mod tests {
     #[test]
     fn unchanged_pools_are_reused_by_the_next_snapshot() {
         let first = snapshot(ROUTES);
-        let again = Snapshot::build(Arc::clone(&first.config), 2, Some(&first));
+        let again = Snapshot::build(Arc::clone(&first.config), 2, Some(&first), &HashMap::new());
         for (name, pool) in &first.pools {
             assert!(Arc::ptr_eq(pool, &again.pools[name]), "{name}");
         }

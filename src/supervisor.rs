@@ -5,6 +5,7 @@
 //! [`Shared`]. It lives on the main actix system thread. A reload is
 //! read → parse → validate → diff → apply; any failure leaves everything as it was.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +36,26 @@ pub struct Supervisor {
     retired: Vec<RunningListener>,
     upstream_tls: Arc<rustls::ClientConfig>,
     watcher: Option<actix::Addr<FileWatcher>>,
+}
+
+/// The client TLS settings of every upstream that has TLS servers.
+fn upstream_tls(config: &Config) -> Result<HashMap<String, Arc<rustls::ClientConfig>>, StartError> {
+    let mut out = HashMap::new();
+    for (name, upstream) in &config.upstreams {
+        if !upstream.servers.iter().any(|s| s.tls) {
+            continue;
+        }
+        if upstream.tls.insecure_skip_verify {
+            tracing::warn!(upstream = %name, "insecure_skip_verify: the certificates of this upstream's servers are not verified");
+        }
+        let client =
+            tls::upstream_client_config(&upstream.tls).map_err(|source| StartError::Tls {
+                name: format!("upstream {name}"),
+                source,
+            })?;
+        out.insert(name.clone(), client);
+    }
+    Ok(out)
 }
 
 /// Every certificate and key file the configuration names (the watcher watches them).
@@ -69,7 +90,7 @@ fn certificates(l: &ListenerConfig) -> Result<Option<Arc<CertResolver>>, StartEr
 pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
-    #[error("listener {name:?}: {source}")]
+    #[error("{name}: {source}")]
     Tls { name: String, source: tls::TlsError },
     #[error("cannot start the gateway thread: {0}")]
     Thread(String),
@@ -99,7 +120,12 @@ impl Supervisor {
     pub fn start(config: Config, path: Option<PathBuf>) -> Result<Started, StartError> {
         crate::install_crypto_provider();
         let config = Arc::new(config);
-        let shared = web::Data::new(Shared::new(Snapshot::build(Arc::clone(&config), 1, None)));
+        let shared = web::Data::new(Shared::new(Snapshot::build(
+            Arc::clone(&config),
+            1,
+            None,
+            &upstream_tls(&config)?,
+        )));
         let upstream_tls = upstream_client::default_tls();
         let mut bound = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
@@ -249,12 +275,14 @@ impl Supervisor {
                 bound.push((listener::bind(l)?, certificates(l)?));
             }
         }
+        let tls = upstream_tls(new)?;
         let generation = self.shared.generation() + 1;
         let previous = self.shared.snapshot.load_full();
         self.shared.snapshot.store(Arc::new(Snapshot::build(
             Arc::clone(new),
             generation,
             Some(&previous),
+            &tls,
         )));
         for change in changes {
             if let Change::ListenerRemoved(name) | Change::ListenerRebound(name) = change {

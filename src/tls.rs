@@ -126,3 +126,92 @@ pub fn server_config(tls: &TlsConfig, resolver: Arc<CertResolver>) -> rustls::Se
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config
 }
+
+/// The client TLS settings for an upstream's servers: its CA file, or the webpki roots;
+/// or no verification at all when `insecure_skip_verify` asks for it.
+pub fn upstream_client_config(
+    tls: &crate::config::UpstreamTls,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder();
+    let mut config = if tls.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(
+                rustls::crypto::ring::default_provider(),
+            )))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &tls.ca {
+            Some(ca) => {
+                let certs = CertificateDer::pem_file_iter(ca)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| TlsError::Cert {
+                        path: ca.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(TlsError::Cert {
+                        path: ca.display().to_string(),
+                        reason: "no usable CA certificate".into(),
+                    });
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `insecure_skip_verify`: any certificate is accepted; handshake signatures are still
+/// checked, so the connection is encrypted, only not authenticated.
+#[derive(Debug)]
+struct AcceptAnyCertificate(rustls::crypto::CryptoProvider);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

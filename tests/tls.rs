@@ -112,6 +112,9 @@ fn tls_config(
 }
 
 fn start(path: &Path) -> GatewayThread {
+    if std::env::var_os("RUST_LOG").is_some() {
+        wsgate::telemetry::init(wsgate::telemetry::LogFormat::Pretty);
+    }
     let config = wsgate::config::load(path).unwrap_or_else(|e| panic!("{e}"));
     GatewayThread::spawn_watching(config, Some(path.to_path_buf())).expect("gateway starts")
 }
@@ -269,4 +272,70 @@ async fn plain_listener_redirects_to_https_with_308() {
         head.contains("Location: https://a.test:8443/chat"),
         "{head}"
     );
+}
+
+/// A WebSocket echo backend behind TLS, with a certificate for 127.0.0.1 from `pki`.
+async fn tls_backend(pki: &Pki) -> std::net::SocketAddr {
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &pki.ca)
+        .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else {
+                    return;
+                };
+                use futures_util::StreamExt;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_wss_is_verified_against_the_configured_ca() {
+    let pki = Pki::new();
+    let backend = tls_backend(&pki).await;
+    std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
+    let stranger = Pki::new();
+    std::fs::write(pki.path("other-ca.pem"), stranger.ca.pem()).unwrap();
+    let text = format!(
+        "[gateway]\nworkers = 1\n[[listener]]\nbind = \"127.0.0.1:0\"\n\
+         [[route]]\npath = \"/good/\"\nupstream = \"good\"\n[[route]]\npath = \"/bad/\"\nupstream = \"bad\"\n\
+         [upstream.good]\nca = \"ca.pem\"\nservers = [\"wss://{backend}\"]\n\
+         [upstream.bad]\nca = \"other-ca.pem\"\nservers = [\"wss://{backend}\"]\n"
+    );
+    std::fs::write(pki.path("config.toml"), text).unwrap();
+    let gw = start(&pki.path("config.toml"));
+    let addr = gw.listeners[0].addr;
+    let mut ws = connect(&format!("ws://{addr}/good/x")).await;
+    ws.send(Message::text("through wss")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("through wss"));
+    let (status, body) = refused_status(&format!("ws://{addr}/bad/x")).await;
+    assert_eq!(status, 502, "{body}");
 }

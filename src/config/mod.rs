@@ -199,15 +199,29 @@ pub struct UpstreamConfig {
     pub drain_timeout: Duration,
     /// Those closes are spread uniformly, with jitter, over this long after `drain_timeout`.
     pub drain_spread: Duration,
+    /// How TLS servers of this upstream are verified.
+    pub tls: UpstreamTls,
+}
+
+/// Verification of an upstream's TLS servers (`wss://`/`https://` or `tls = true`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamTls {
+    /// PEM file of the CAs to trust instead of the system roots.
+    pub ca: Option<PathBuf>,
+    /// Accept any certificate (logged as a warning at every load).
+    pub insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServerConfig {
-    /// The address exactly as configured (`host:port`); the consistent-hash ring hashes it.
+    /// The address as configured, scheme left out (`host:port`); the consistent-hash ring
+    /// hashes it.
     pub addr: String,
     pub host: String,
     pub port: u16,
     pub weight: u32,
+    /// Reached over TLS (`wss://`, `https://`, or `tls = true` on the upstream).
+    pub tls: bool,
 }
 
 impl fmt::Display for ServerConfig {
@@ -682,6 +696,20 @@ impl Validator<'_> {
             if weight == 0 {
                 return self.err(server.span(), "weight must be at least 1");
             }
+            let (addr, tls) = match addr.split_once("://") {
+                Some(("wss" | "https", rest)) => (rest.trim_end_matches('/').to_string(), true),
+                Some(("ws" | "http", rest)) => (
+                    rest.trim_end_matches('/').to_string(),
+                    raw.tls == Some(true),
+                ),
+                Some((scheme, _)) => {
+                    return self.err(
+                        server.span(),
+                        format!("unknown scheme {scheme:?}: write host:port, ws://, wss://, http:// or https://"),
+                    );
+                }
+                None => (addr, raw.tls == Some(true)),
+            };
             let Some((host, port)) = split_host_port(&addr) else {
                 return self.err(
                     server.span(),
@@ -692,6 +720,7 @@ impl Validator<'_> {
                 return self.err(server.span(), format!("server {addr:?} is listed twice"));
             }
             servers.push(ServerConfig {
+                tls,
                 addr,
                 host,
                 port,
@@ -704,6 +733,10 @@ impl Validator<'_> {
             servers,
             drain_timeout: raw.drain_timeout.map_or(defaults::DRAIN_TIMEOUT, |d| d.0),
             drain_spread: raw.drain_spread.map_or(defaults::DRAIN_SPREAD, |d| d.0),
+            tls: UpstreamTls {
+                ca: raw.ca.as_ref().map(|ca| self.base.join(ca)),
+                insecure_skip_verify: raw.insecure_skip_verify == Some(true),
+            },
         })
     }
 }

@@ -203,6 +203,9 @@ pub struct RawUpstream {
     pub servers: Spanned<Vec<Spanned<RawServer>>>,
     pub drain_timeout: Option<HumanDuration>,
     pub drain_spread: Option<HumanDuration>,
+    pub tls: Option<bool>,
+    pub ca: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
 }
 
 /// A server: `"host:port"` or `{ addr = "host:port", weight = 2 }`.

@@ -73,6 +73,8 @@ enum Balancer {
 pub struct Pool {
     pub config: Arc<UpstreamConfig>,
     pub servers: Vec<Arc<Server>>,
+    /// Client TLS settings for the servers reached over TLS.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     balancer: Balancer,
 }
 
@@ -81,6 +83,7 @@ impl Pool {
     /// address is the same so that live counters carry over.
     pub fn build(
         config: Arc<UpstreamConfig>,
+        tls: Option<Arc<rustls::ClientConfig>>,
         existing: impl Fn(&ServerConfig) -> Option<Arc<Server>>,
     ) -> Pool {
         let servers: Vec<Arc<Server>> = config
@@ -99,6 +102,7 @@ impl Pool {
         Pool {
             config,
             servers,
+            tls,
             balancer,
         }
     }
@@ -140,11 +144,13 @@ mod tests {
                         host: host.into(),
                         port: port.parse().unwrap(),
                         weight: *weight,
+                        tls: false,
                     }
                 })
                 .collect(),
             drain_timeout: std::time::Duration::ZERO,
             drain_spread: std::time::Duration::ZERO,
+            tls: Default::default(),
         })
     }
 
@@ -156,6 +162,7 @@ mod tests {
                     balance,
                     &[("10.0.0.1:1", 1), ("10.0.0.2:1", 3), ("10.0.0.3:1", 1)],
                 ),
+                None,
                 |_| None,
             );
             for i in 0..50u8 {
@@ -175,11 +182,13 @@ mod tests {
     fn rebuilt_pool_keeps_servers_and_their_counters() {
         let old = Pool::build(
             upstream(Balance::RoundRobin, &[("a:1", 1), ("b:1", 1)]),
+            None,
             |_| None,
         );
         let lease = old.servers[1].lease();
         let new = Pool::build(
             upstream(Balance::ConsistentHash, &[("b:1", 1), ("c:1", 1)]),
+            None,
             |s| old.servers.iter().find(|o| o.config == *s).cloned(),
         );
         assert!(Arc::ptr_eq(&new.servers[0], &old.servers[1]));

@@ -50,14 +50,15 @@ pub(super) async fn proxy(
             host_override: route.config.host_header.as_deref(),
         },
     );
-    let client = clients.get(settings.connect_timeout);
+    let client = clients.get(settings.connect_timeout, route.pool.tls.as_ref());
     let body = Body::of(req.headers());
     let mut payload = Some(payload);
     let mut last_error = String::from("no servers");
     let mut timed_out = false;
     for server in route.pool.candidates(matched.client_ip) {
         let url = format!(
-            "http://{}{}",
+            "{}://{}{}",
+            if server.config.tls { "https" } else { "http" },
             authority(&server.config.host, server.config.port),
             matched.backend_path
         );

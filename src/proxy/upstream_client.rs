@@ -40,11 +40,15 @@ impl Service<ConnectInfo<Uri>> for NoDelayConnector {
     }
 }
 
-/// The worker's clients, one per connect timeout in use (awc fixes it per connector).
+/// The worker's clients, one per connect timeout and TLS setting in use (awc fixes both
+/// per connector).
 pub struct UpstreamClients {
     tls: Arc<rustls::ClientConfig>,
-    clients: RefCell<HashMap<Duration, awc::Client>>,
+    clients: RefCell<HashMap<(Duration, usize), awc::Client>>,
 }
+
+/// Clients kept per worker at most; a reload that changes TLS settings makes new ones.
+const MAX_CLIENTS: usize = 64;
 
 impl UpstreamClients {
     pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
@@ -54,15 +58,26 @@ impl UpstreamClients {
         }
     }
 
-    /// The client whose connects give up after `connect_timeout`.
-    pub fn get(&self, connect_timeout: Duration) -> awc::Client {
-        self.clients
-            .borrow_mut()
-            .entry(connect_timeout)
+    /// The client whose connects give up after `connect_timeout` and which verifies TLS
+    /// servers with `tls` (the default roots when `None`).
+    pub fn get(
+        &self,
+        connect_timeout: Duration,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> awc::Client {
+        let tls = tls.unwrap_or(&self.tls);
+        // The settings' address identifies them: a snapshot builds them once.
+        let key = (connect_timeout, Arc::as_ptr(tls) as usize);
+        let mut clients = self.clients.borrow_mut();
+        if clients.len() >= MAX_CLIENTS && !clients.contains_key(&key) {
+            clients.clear();
+        }
+        clients
+            .entry(key)
             .or_insert_with(|| {
                 let connector = awc::Connector::new()
                     .connector(NoDelayConnector::default())
-                    .rustls_0_23(Arc::clone(&self.tls))
+                    .rustls_0_23(Arc::clone(tls))
                     .timeout(connect_timeout)
                     .limit(0);
                 awc::Client::builder()

@@ -143,7 +143,9 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
             host_override: route.config.host_header.as_deref(),
         },
     );
-    let client = ctx.clients.get(settings.connect_timeout);
+    let client = ctx
+        .clients
+        .get(settings.connect_timeout, route.pool.tls.as_ref());
     let mut last_error = None;
     for server in route.pool.candidates(matched.client_ip) {
         match dial(
@@ -255,8 +257,9 @@ async fn dial(
     headers: &HeaderMap,
     settings: &TunnelSettings,
 ) -> Result<(awc::ClientResponse, BackendFramed), DialError> {
+    let scheme = if server.config.tls { "wss" } else { "ws" };
     let url = format!(
-        "ws://{}{path}",
+        "{scheme}://{}{path}",
         authority(&server.config.host, server.config.port)
     );
     let mut request = client.ws(url);
