@@ -81,6 +81,7 @@ pub fn serve(
     shared: web::Data<Shared>,
     upstream_tls: Arc<rustls::ClientConfig>,
     tls: Option<Arc<CertResolver>>,
+    client_header_timeout: Duration,
 ) -> Result<RunningListener, BindError> {
     let BoundSocket {
         config,
@@ -100,6 +101,7 @@ pub fn serve(
         // close; the supervisor ends them itself at shutdown.
         .shutdown_timeout(RETIRED_LISTENER_GRACE_SECS);
     let name = config.name.clone();
+    let header_timeout = client_header_timeout;
     let server = match (&config.tls, tls.clone()) {
         (Some(tls_config), Some(resolver)) => {
             let acceptor =
@@ -117,12 +119,17 @@ pub fn serve(
                         Ok::<_, DispatchError>((tls, peer))
                     }
                 })
-                .and_then(http_service(&shared, &info, &upstream_tls))
+                .and_then(http_service(
+                    header_timeout,
+                    &shared,
+                    &info,
+                    &upstream_tls,
+                ))
             })
         }
         _ => builder.listen(name, socket, move || {
             fn_service(|io: TcpStream| async move { Ok::<_, DispatchError>(accepted(io)) })
-                .and_then(http_service(&shared, &info, &upstream_tls))
+                .and_then(http_service(header_timeout, &shared, &info, &upstream_tls))
         }),
     }
     .map_err(|source| BindError {
@@ -155,6 +162,7 @@ fn accepted(io: TcpStream) -> (TcpStream, Option<std::net::SocketAddr>) {
 /// The HTTP/1.1 service of one worker over connections of type `T`: WebSocket upgrades go
 /// to the tunnel path, everything else to the plain HTTP proxy.
 fn http_service<T: Io>(
+    client_header_timeout: Duration,
     shared: &web::Data<Shared>,
     info: &ListenerInfo,
     upstream_tls: &Arc<rustls::ClientConfig>,
@@ -179,6 +187,8 @@ fn http_service<T: Io>(
         // The proxy streams bodies; actix's default payload limits do not apply.
         .default_service(web::to(proxy::handle));
     HttpService::build()
+        // Against slowloris: the whole request head within this time, or 408.
+        .client_request_timeout(client_header_timeout)
         // Once a response (or a tunnel) is done, end the TCP connection at once instead of
         // lingering for the client to do it: RFC 6455 §7.1.1 wants the server to close
         // first, and a waiting client would wait actix's 1 s.

@@ -139,6 +139,7 @@ impl Supervisor {
                 shared.clone(),
                 Arc::clone(&upstream_tls),
                 tls,
+                config.gateway.client_header_timeout,
             )?;
             tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
             listeners.push(running);
@@ -297,6 +298,7 @@ impl Supervisor {
                 self.shared.clone(),
                 Arc::clone(&self.upstream_tls),
                 tls,
+                new.gateway.client_header_timeout,
             )?;
             tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
             self.listeners.push(running);

@@ -127,3 +127,53 @@ async fn per_address_cap_answers_429_and_spares_other_addresses() {
     other.send(Message::text("hi")).await.unwrap();
     assert_eq!(next_data(&mut other).await, Message::text("hi"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_gets_408_and_a_huge_head_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(
+        &config("", "client_header_timeout = \"300ms\""),
+        &[backend.addr],
+    );
+    let a = addr(&gw);
+    let mut slow = tokio::net::TcpStream::connect(a).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, slow.read_to_end(&mut answer))
+        .await
+        .expect("closed in time")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut big = tokio::net::TcpStream::connect(a).await.unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let _ = big.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, big.read_to_end(&mut answer))
+        .await
+        .expect("closed in time")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    // actix-http stops reading a head past 32 KiB: the client gets 431, or 408 once the
+    // header timeout passes, and the connection is closed either way.
+    assert!(
+        answer.is_empty()
+            || answer.starts_with("HTTP/1.1 431")
+            || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert_eq!(backend.handshakes(), 0);
+}

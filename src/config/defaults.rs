@@ -68,5 +68,9 @@ pub const MAX_CONNECTIONS: usize = 65_536;
 /// mobile carriers share one address behind NAT.
 pub const MAX_CONNECTIONS_PER_IP: usize = 0;
 
+/// Time a client has to send its whole request head (nginx `client_header_timeout`): a
+/// slowloris client trickling headers is answered 408 and dropped after this.
+pub const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The default configuration file, relative to the working directory.
 pub const CONFIG_PATH: &str = "config/config.toml";

@@ -65,6 +65,8 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// Tunnels one client address may hold (0 = no limit); 429 above it.
     pub max_connections_per_ip: usize,
+    /// Time a client has to send its request head (408 after it).
+    pub client_header_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -359,6 +361,10 @@ impl Validator<'_> {
                 .gateway
                 .max_connections_per_ip
                 .unwrap_or(defaults::MAX_CONNECTIONS_PER_IP),
+            client_header_timeout: raw
+                .gateway
+                .client_header_timeout
+                .map_or(defaults::CLIENT_HEADER_TIMEOUT, |d| d.0),
         })
     }
 

@@ -143,6 +143,7 @@ pub struct RawGateway {
     pub shutdown_timeout: Option<HumanDuration>,
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
+    pub client_header_timeout: Option<HumanDuration>,
 }
 
 /// One `[[listener]]`.
