@@ -74,6 +74,12 @@ pub async fn stop_signal() {
 pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError> {
     let started = Supervisor::start(config, path)?;
     stop_signal().await;
+    // A second signal while shutting down means "now".
+    actix_rt::spawn(async {
+        stop_signal().await;
+        tracing::warn!("second signal: exiting without waiting for tunnels");
+        std::process::exit(1);
+    });
     let _ = started.supervisor.send(Shutdown).await;
     Ok(())
 }

@@ -399,13 +399,14 @@ impl Handler<Shutdown> for Supervisor {
             .collect();
         let registry = Arc::clone(&self.shared.registry);
         let deadline = Instant::now() + self.config.gateway.shutdown_timeout;
+        let spread = self.config.gateway.shutdown_spread;
         tracing::info!(tunnels = registry.len(), "shutting down");
         Box::pin(
             async move {
                 for handle in &handles {
                     handle.pause().await;
                 }
-                registry.end_all(Ending::Shutdown);
+                registry.end_all(Ending::Shutdown, spread);
                 while !registry.is_empty() && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }

@@ -109,14 +109,15 @@ fn free_port() -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_sends_every_client_1001_then_exits_0() {
+async fn sigterm_sends_500_clients_1001_spread_over_shutdown_spread_then_exits_0() {
     let backend = WsBackend::start("b", Behavior::Echo).await;
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         &dir,
         &format!(
-            "[gateway]\nworkers = 1\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n[[route]]\nupstream = \"u\"\n[upstream.u]\nservers = [\"{}\"]\n",
+            "[gateway]\nworkers = 1\nshutdown_spread = \"400ms\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\
+             [[route]]\nupstream = \"u\"\n[upstream.u]\nservers = [\"{}\"]\n",
             backend.addr
         ),
     );
@@ -132,7 +133,7 @@ async fn sigterm_sends_every_client_1001_then_exits_0() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut clients = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..500 {
         clients.push(connect(&format!("ws://127.0.0.1:{port}/")).await);
     }
     let status = Command::new("kill")
@@ -140,12 +141,29 @@ async fn sigterm_sends_every_client_1001_then_exits_0() {
         .status()
         .unwrap();
     assert!(status.success());
-    for ws in clients.iter_mut() {
-        assert_eq!(
-            close_code(ws).await,
-            (1001, "gateway shutting down".to_string())
-        );
+    let signalled = Instant::now();
+    // Each client waits on its own task, so each close time is its own.
+    let waits: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let close = close_code(&mut ws).await;
+                (close, signalled.elapsed())
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for wait in waits {
+        let (close, at) = wait.await.unwrap();
+        assert_eq!(close, (1001, "gateway shutting down".to_string()));
+        times.push(at);
     }
+    times.sort();
+    let (first, last) = (times[0], times[times.len() - 1]);
+    assert!(
+        last - first >= Duration::from_millis(200),
+        "not spread: first {first:?}, last {last:?}"
+    );
     let deadline = Instant::now() + STEP;
     let exit = loop {
         if let Some(exit) = child.try_wait().unwrap() {

@@ -72,5 +72,12 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 0;
 /// slowloris client trickling headers is answered 408 and dropped after this.
 pub const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connect failures within `FAIL_TIMEOUT` that take a server out (nginx `max_fails`).
+pub const MAX_FAILS: u32 = 1;
+
+/// The window for `MAX_FAILS` and how long a failed server stays out (nginx
+/// `fail_timeout`).
+pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The default configuration file, relative to the working directory.
 pub const CONFIG_PATH: &str = "config/config.toml";

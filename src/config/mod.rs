@@ -67,6 +67,9 @@ pub struct GatewayConfig {
     pub max_connections_per_ip: usize,
     /// Time a client has to send its request head (408 after it).
     pub client_header_timeout: Duration,
+    /// Shutdown's 1001 close frames are spread over this long, so clients do not all
+    /// reconnect to the other replicas in the same instant.
+    pub shutdown_spread: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +192,8 @@ impl OriginMatch {
 pub enum Balance {
     RoundRobin,
     ConsistentHash,
+    /// Fewest live tunnels relative to weight: the fit for long-lived WebSockets.
+    LeastConn,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,6 +208,13 @@ pub struct UpstreamConfig {
     pub drain_spread: Duration,
     /// How TLS servers of this upstream are verified.
     pub tls: UpstreamTls,
+    /// Consistent hash with bounded loads: no server takes a new tunnel while it holds more
+    /// than this many hundredths of the average (125 = 1.25×); 0 = unbounded.
+    pub hash_balance_percent: u32,
+    /// Passive health: this many connect failures within `fail_timeout` take a server out
+    /// for `fail_timeout` (0 = never).
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
 }
 
 /// Verification of an upstream's TLS servers (`wss://`/`https://` or `tls = true`).
@@ -365,6 +377,7 @@ impl Validator<'_> {
                 .gateway
                 .client_header_timeout
                 .map_or(defaults::CLIENT_HEADER_TIMEOUT, |d| d.0),
+            shutdown_spread: raw.gateway.shutdown_spread.map_or(Duration::ZERO, |d| d.0),
         })
     }
 
@@ -663,10 +676,11 @@ impl Validator<'_> {
             Some(b) => match b.get_ref().as_str() {
                 "round_robin" => Balance::RoundRobin,
                 "consistent_hash" => Balance::ConsistentHash,
+                "least_conn" => Balance::LeastConn,
                 other => {
                     return self.err(
                         b.span(),
-                        format!("unknown balance {other:?}: expected \"round_robin\" or \"consistent_hash\""),
+                        format!("unknown balance {other:?}: expected \"round_robin\", \"least_conn\" or \"consistent_hash\""),
                     );
                 }
             },
@@ -685,6 +699,22 @@ impl Validator<'_> {
                 return self.err(key.span(), "hash_key needs balance = \"consistent_hash\"");
             }
         }
+        let hash_balance_percent = match &raw.hash_balance_factor {
+            None => 0,
+            Some(f) if balance != Balance::ConsistentHash => {
+                return self.err(
+                    f.span(),
+                    "hash_balance_factor needs balance = \"consistent_hash\"",
+                );
+            }
+            Some(f) if !(*f.get_ref() > 1.0 && *f.get_ref() <= 100.0) => {
+                return self.err(
+                    f.span(),
+                    "hash_balance_factor must be above 1.0 (1.25 is usual)",
+                );
+            }
+            Some(f) => (f.get_ref() * 100.0).round() as u32,
+        };
         if raw.servers.get_ref().is_empty() {
             return self.err(
                 raw.servers.span(),
@@ -739,6 +769,9 @@ impl Validator<'_> {
             servers,
             drain_timeout: raw.drain_timeout.map_or(defaults::DRAIN_TIMEOUT, |d| d.0),
             drain_spread: raw.drain_spread.map_or(defaults::DRAIN_SPREAD, |d| d.0),
+            hash_balance_percent,
+            max_fails: raw.max_fails.unwrap_or(defaults::MAX_FAILS),
+            fail_timeout: raw.fail_timeout.map_or(defaults::FAIL_TIMEOUT, |d| d.0),
             tls: UpstreamTls {
                 ca: raw.ca.as_ref().map(|ca| self.base.join(ca)),
                 insecure_skip_verify: raw.insecure_skip_verify == Some(true),

@@ -144,6 +144,7 @@ pub struct RawGateway {
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
     pub client_header_timeout: Option<HumanDuration>,
+    pub shutdown_spread: Option<HumanDuration>,
 }
 
 /// One `[[listener]]`.
@@ -207,6 +208,9 @@ pub struct RawUpstream {
     pub tls: Option<bool>,
     pub ca: Option<String>,
     pub insecure_skip_verify: Option<bool>,
+    pub hash_balance_factor: Option<Spanned<f64>>,
+    pub max_fails: Option<u32>,
+    pub fail_timeout: Option<HumanDuration>,
 }
 
 /// A server: `"host:port"` or `{ addr = "host:port", weight = 2 }`.

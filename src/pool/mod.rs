@@ -11,7 +11,9 @@ mod round_robin;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::config::{Balance, ServerConfig, UpstreamConfig};
 
@@ -25,6 +27,17 @@ pub struct Server {
     pub config: ServerConfig,
     /// Tunnels currently open to this server, across all workers.
     live_tunnels: AtomicUsize,
+    /// Passive health: failures in the current window, the window's start, and until when
+    /// the server is out (milliseconds on the process clock).
+    fails: AtomicU32,
+    window_start_ms: AtomicU64,
+    down_until_ms: AtomicU64,
+}
+
+/// Milliseconds since the process started: a clock shared by every worker.
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl Server {
@@ -32,11 +45,43 @@ impl Server {
         Server {
             config,
             live_tunnels: AtomicUsize::new(0),
+            fails: AtomicU32::new(0),
+            window_start_ms: AtomicU64::new(0),
+            down_until_ms: AtomicU64::new(0),
         }
     }
 
     pub fn live_tunnels(&self) -> usize {
         self.live_tunnels.load(Ordering::Relaxed)
+    }
+
+    /// Not taken out by passive health checks.
+    pub fn available(&self) -> bool {
+        self.down_until_ms.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    /// A connect failure or timeout (not a refused upgrade): after `max_fails` of them within
+    /// `fail_timeout`, the server is out for `fail_timeout` (nginx's passive health check).
+    pub fn record_failure(&self, max_fails: u32, fail_timeout: Duration) {
+        if max_fails == 0 {
+            return;
+        }
+        let now = now_ms();
+        let window = fail_timeout.as_millis() as u64;
+        if now.saturating_sub(self.window_start_ms.load(Ordering::Relaxed)) > window {
+            self.window_start_ms.store(now, Ordering::Relaxed);
+            self.fails.store(0, Ordering::Relaxed);
+        }
+        if self.fails.fetch_add(1, Ordering::Relaxed) + 1 >= max_fails {
+            self.down_until_ms.store(now + window, Ordering::Relaxed);
+            self.fails.store(0, Ordering::Relaxed);
+            tracing::warn!(server = %self.config, ?fail_timeout, "server failed {max_fails} time(s): out of rotation");
+        }
+    }
+
+    /// A tunnel was established: the failure count starts over.
+    pub fn record_success(&self) {
+        self.fails.store(0, Ordering::Relaxed);
     }
 
     /// Counts a tunnel to this server until the returned lease is dropped.
@@ -66,6 +111,8 @@ impl Drop for ServerLease {
 enum Balancer {
     RoundRobin(SmoothWeightedRoundRobin),
     ConsistentHash(KetamaRing),
+    /// Ties among the least loaded go round-robin, from this cursor.
+    LeastConn(AtomicUsize),
 }
 
 /// The servers of one upstream and the algorithm that orders them.
@@ -98,6 +145,7 @@ impl Pool {
             Balance::ConsistentHash => Balancer::ConsistentHash(KetamaRing::new(
                 config.servers.iter().map(|s| (s.addr.as_str(), s.weight)),
             )),
+            Balance::LeastConn => Balancer::LeastConn(AtomicUsize::new(0)),
         };
         Pool {
             config,
@@ -107,16 +155,54 @@ impl Pool {
         }
     }
 
-    /// The servers to try for a new connection from `client`, best first, each once.
+    /// The servers to try for a new connection from `client`, best first, each once;
+    /// servers out of rotation (passive health) are left out.
     pub fn candidates(&self, client: IpAddr) -> Vec<Arc<Server>> {
+        let n = self.servers.len();
         let order: Vec<usize> = match &self.balancer {
             Balancer::RoundRobin(rr) => rr.order(),
-            Balancer::ConsistentHash(ring) => ring.order(hash_key(client).as_bytes()),
+            Balancer::ConsistentHash(ring) => {
+                let order = ring.order(hash_key(client).as_bytes());
+                match self.config.hash_balance_percent {
+                    0 => order,
+                    percent => self.bounded(order, percent),
+                }
+            }
+            Balancer::LeastConn(cursor) => {
+                let start = cursor.fetch_add(1, Ordering::Relaxed);
+                let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
+                // Load relative to weight (live_a / w_a < live_b / w_b, cross-multiplied);
+                // the sort is stable, so ties keep the rotated order.
+                let live: Vec<u64> = self
+                    .servers
+                    .iter()
+                    .map(|s| s.live_tunnels() as u64)
+                    .collect();
+                let weight = |i: usize| u64::from(self.config.servers[i].weight);
+                order.sort_by(|&a, &b| (live[a] * weight(b)).cmp(&(live[b] * weight(a))));
+                order
+            }
         };
         order
             .into_iter()
+            .filter(|&i| self.servers[i].available())
             .map(|i| Arc::clone(&self.servers[i]))
             .collect()
+    }
+
+    /// Consistent hashing with bounded loads (Mirrokni et al.; HAProxy's and Envoy's
+    /// `hash_balance_factor`): servers already holding more than `percent`% of the average
+    /// (counting the new tunnel) go to the back of the ring order, so keys stay sticky
+    /// while their server is under the bound and move to the next ring server when not.
+    fn bounded(&self, order: Vec<usize>, percent: u32) -> Vec<usize> {
+        let total: usize = self.servers.iter().map(|s| s.live_tunnels()).sum();
+        let n = self.servers.len().max(1);
+        // ceil(factor × (total + 1) / n)
+        let bound = ((total + 1) * percent as usize).div_ceil(n * 100);
+        let (under, over): (Vec<usize>, Vec<usize>) = order
+            .into_iter()
+            .partition(|&i| self.servers[i].live_tunnels() < bound);
+        under.into_iter().chain(over).collect()
     }
 }
 
@@ -151,6 +237,9 @@ mod tests {
             drain_timeout: std::time::Duration::ZERO,
             drain_spread: std::time::Duration::ZERO,
             tls: Default::default(),
+            hash_balance_percent: 0,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
         })
     }
 

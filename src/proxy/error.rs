@@ -27,6 +27,8 @@ pub enum ProxyError {
     TooManyFromAddress,
     #[error("origin {0:?} may not open a WebSocket here")]
     OriginNotAllowed(String),
+    #[error("upstream {0:?}: every server is out of rotation after failures, try again shortly")]
+    NoHealthyServer(String),
 }
 
 impl From<HandshakeError> for ProxyError {
@@ -60,7 +62,7 @@ impl ResponseError for ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Refused(status) => *status,
             ProxyError::Redirect(_) => StatusCode::PERMANENT_REDIRECT,
-            ProxyError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Busy(_) | ProxyError::NoHealthyServer(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::TooManyFromAddress => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
         }

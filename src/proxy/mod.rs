@@ -10,7 +10,7 @@ pub mod websocket;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 use actix_http::RequestHead;
 use actix_web::http::header;
@@ -33,6 +33,8 @@ pub struct Shared {
     pub reloads_rejected: AtomicU64,
     /// Tunnel counts the connection limits are checked against.
     pub limits: Limits,
+    /// Bytes waiting in tunnels toward legs that read slower than their peer sends.
+    pub buffered: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -42,6 +44,7 @@ impl Shared {
             registry: Arc::new(Registry::default()),
             reloads_rejected: AtomicU64::new(0),
             limits: Limits::default(),
+            buffered: Arc::new(AtomicUsize::new(0)),
         }
     }
 

@@ -147,7 +147,12 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
         .clients
         .get(settings.connect_timeout, route.pool.tls.as_ref());
     let mut last_error = None;
-    for server in route.pool.candidates(matched.client_ip) {
+    let candidates = route.pool.candidates(matched.client_ip);
+    if candidates.is_empty() {
+        return Err(ProxyError::NoHealthyServer(route.config.upstream.clone()));
+    }
+    let upstream_config = &route.pool.config;
+    for server in candidates {
         match dial(
             &client,
             &server,
@@ -158,6 +163,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
         .await
         {
             Ok((backend_response, framed)) => {
+                server.record_success();
                 let mut response = String::from(
                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
                 );
@@ -188,6 +194,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
                     params: TunnelParams {
                         settings,
                         permits,
+                        buffered: Arc::clone(&ctx.shared.buffered),
                         registry: Arc::clone(&ctx.shared.registry),
                         lease: server.lease(),
                         upstream: Arc::from(route.config.upstream.as_str()),
@@ -201,6 +208,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
                 return Err(ProxyError::Refused(status));
             }
             Err(err) => {
+                server.record_failure(upstream_config.max_fails, upstream_config.fail_timeout);
                 tracing::warn!(route = %route.label, server = %server.config, error = ?err,
                     "backend unreachable, trying the next server");
                 last_error = Some(err);
@@ -295,7 +303,9 @@ fn refusal(err: &ProxyError) -> Vec<u8> {
     );
     match err {
         ProxyError::Redirect(location) => head.push_str(&format!("Location: {location}\r\n")),
-        ProxyError::Busy(_) | ProxyError::TooManyFromAddress => head.push_str("Retry-After: 1\r\n"),
+        ProxyError::Busy(_) | ProxyError::TooManyFromAddress | ProxyError::NoHealthyServer(_) => {
+            head.push_str("Retry-After: 1\r\n")
+        }
         _ => {}
     }
     if matches!(

@@ -25,6 +25,8 @@ use super::pump::{Direction, Limits};
 use super::relay::{Ending, HEARTBEAT_PAYLOAD};
 use super::wire::{self, OP_CLOSE, OP_PING};
 use super::{Leg, Registry, RegistryEntry};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::config::TunnelSettings;
 use crate::config::defaults::CLOSE_TIMEOUT;
 use crate::limits::Permits;
@@ -46,6 +48,8 @@ pub struct TunnelParams {
     pub settings: TunnelSettings,
     /// The tunnel's places under the connection limits, held for its life.
     pub permits: Permits,
+    /// The gateway-wide count of bytes waiting toward slow legs.
+    pub buffered: Arc<AtomicUsize>,
     pub registry: Arc<Registry>,
     pub lease: ServerLease,
     /// The upstream the server was picked from (draining is per upstream).
@@ -111,6 +115,9 @@ pub struct Tunnel {
     /// Told when the tunnel is gone (dropping it is the message).
     _done: tokio::sync::oneshot::Sender<()>,
     _permits: Permits,
+    buffered: Arc<AtomicUsize>,
+    /// What this tunnel last added to `buffered`.
+    accounted: usize,
 }
 
 impl Tunnel {
@@ -161,6 +168,8 @@ impl Tunnel {
             early: [early(client.early), early(backend.early)],
             _done: done,
             _permits: params.permits,
+            buffered: params.buffered,
+            accounted: 0,
         }
         .start();
         gone
@@ -333,6 +342,7 @@ impl Tunnel {
                 self.arm_close_deadline = false;
                 self.start_close_deadline(ctx);
             }
+            self.account();
             if self.finished() {
                 return Poll::Ready(());
             }
@@ -349,6 +359,22 @@ impl Tunnel {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Brings the gateway-wide buffered count up to date (an atomic operation only when
+    /// this tunnel's backlog changed, which happens only while a leg is slow).
+    fn account(&mut self) {
+        let now = self.pending[0].len() + self.pending[1].len();
+        if now != self.accounted {
+            if now > self.accounted {
+                self.buffered
+                    .fetch_add(now - self.accounted, Ordering::Relaxed);
+            } else {
+                self.buffered
+                    .fetch_sub(self.accounted - now, Ordering::Relaxed);
+            }
+            self.accounted = now;
+        }
     }
 
     fn wake_relay(&self) {
@@ -487,6 +513,8 @@ impl Actor for Tunnel {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        self.pending = [Vec::new(), Vec::new()];
+        self.account();
         tracing::debug!(client = %self.client_addr, route = %self.route,
             server = %self.lease.server().config, ending = ?self.ending, "tunnel closed");
     }

@@ -66,12 +66,16 @@ impl Registry {
         self.tunnels.is_empty()
     }
 
-    /// Asks every live tunnel to end with `ending`.
-    pub fn end_all(&self, ending: Ending) {
-        for entry in self.tunnels.iter() {
-            entry.tunnel.do_send(End {
+    /// Asks every live tunnel to end with `ending`, spread uniformly (with jitter) over
+    /// `spread` (zero: all at once).
+    pub fn end_all(&self, ending: Ending, spread: Duration) {
+        let targets: Vec<Recipient<End>> = self.tunnels.iter().map(|e| e.tunnel.clone()).collect();
+        let n = targets.len().max(1);
+        for (i, tunnel) in targets.into_iter().enumerate() {
+            let share = (i as f64 + fastrand::f64()) / n as f64;
+            tunnel.do_send(End {
                 ending,
-                after: Duration::ZERO,
+                after: spread.mul_f64(share),
             });
         }
     }

@@ -87,6 +87,18 @@ pub enum Behavior {
     Refuse(u16),
     /// Accepts TCP but never answers the handshake.
     Mute,
+    /// Drops the TCP connection (no close frame) when the first message arrives.
+    DropOnMessage,
+    /// Sends this many bytes in 1 MiB binary frames as fast as the socket takes them.
+    Flood(u64),
+}
+
+/// What a backend connection records for the test to look at.
+#[derive(Clone)]
+struct Records {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    closes: Arc<Mutex<Vec<u16>>>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A WebSocket backend on 127.0.0.1:0 (tokio-tungstenite).
@@ -96,12 +108,20 @@ pub struct WsBackend {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Close codes received from the gateway, in order.
     pub closes: Arc<Mutex<Vec<u16>>>,
+    /// Bytes a `Flood` backend has handed to its socket so far.
+    pub sent: Arc<std::sync::atomic::AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
 }
 
 impl WsBackend {
     pub async fn start(name: &str, behavior: Behavior) -> WsBackend {
         Self::start_with(name, behavior, None).await
+    }
+
+    /// An echo backend on a chosen port (one that was just free).
+    pub async fn start_on(port: u16, name: &str) -> WsBackend {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        Self::listen(listener, name, Behavior::Echo, None)
     }
 
     /// `protocol`: the subprotocol to choose if the client offers it.
@@ -111,12 +131,23 @@ impl WsBackend {
         protocol: Option<&'static str>,
     ) -> WsBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::listen(listener, name, behavior, protocol)
+    }
+
+    fn listen(
+        listener: TcpListener,
+        name: &str,
+        behavior: Behavior,
+        protocol: Option<&'static str>,
+    ) -> WsBackend {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let closes = Arc::new(Mutex::new(Vec::new()));
         let (stop_tx, mut stop_rx) = oneshot::channel();
         let task_seen = Arc::clone(&seen);
         let task_closes = Arc::clone(&closes);
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task_sent = Arc::clone(&sent);
         let task_name = name.to_string();
         tokio::spawn(async move {
             loop {
@@ -124,10 +155,13 @@ impl WsBackend {
                     _ = &mut stop_rx => break,
                     accepted = listener.accept() => {
                         let Ok((stream, peer)) = accepted else { break };
-                        let seen = Arc::clone(&task_seen);
-                        let closes = Arc::clone(&task_closes);
+                        let records = Records {
+                            seen: Arc::clone(&task_seen),
+                            closes: Arc::clone(&task_closes),
+                            sent: Arc::clone(&task_sent),
+                        };
                         let name = task_name.clone();
-                        tokio::spawn(serve(stream, peer, behavior, protocol, seen, closes, name));
+                        tokio::spawn(serve(stream, peer, behavior, protocol, records, name));
                     }
                 }
             }
@@ -137,6 +171,7 @@ impl WsBackend {
             addr,
             seen,
             closes,
+            sent,
             stop: Some(stop_tx),
         }
     }
@@ -191,8 +226,7 @@ async fn serve(
     peer: SocketAddr,
     behavior: Behavior,
     protocol: Option<&'static str>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    closes: Arc<Mutex<Vec<u16>>>,
+    rec: Records,
     name: String,
 ) {
     if behavior == Behavior::Mute {
@@ -211,7 +245,7 @@ async fn serve(
             .iter()
             .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
-        seen.lock().unwrap().push(Seen {
+        rec.seen.lock().unwrap().push(Seen {
             path: req.uri().to_string(),
             headers,
             peer,
@@ -243,7 +277,23 @@ async fn serve(
         tokio::time::sleep(STEP * 3).await;
         return;
     }
+    if let Behavior::Flood(total) = behavior {
+        let frame = tokio_tungstenite::tungstenite::Bytes::from(vec![7u8; 1 << 20]);
+        while rec.sent.load(std::sync::atomic::Ordering::Relaxed) < total {
+            if ws.send(Message::Binary(frame.clone())).await.is_err() {
+                return;
+            }
+            rec.sent
+                .fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        tokio::time::sleep(STEP).await;
+        return;
+    }
     while let Some(Ok(msg)) = ws.next().await {
+        if behavior == Behavior::DropOnMessage {
+            // Gone without a word, like a killed process (the kernel sends FIN/RST).
+            return;
+        }
         let reply = match msg {
             Message::Text(t) if t.as_str() == "whoami" => Message::text(name.clone()),
             Message::Text(t) if t.as_str().starts_with("close ") => {
@@ -265,7 +315,7 @@ async fn serve(
                 continue;
             }
             Message::Close(frame) => {
-                closes
+                rec.closes
                     .lock()
                     .unwrap()
                     .push(frame.map_or(1005, |f| f.code.into()));
@@ -345,25 +395,28 @@ where
     }
 }
 
-/// Reads until the close frame and returns its code and reason.
+/// Reads until the close frame and returns its code and reason; then lets the client's
+/// automatic close reply go out (as a real client's would) and waits for the TCP end.
 pub async fn close_code<S>(ws: &mut WebSocketStream<S>) -> (u16, String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    loop {
+    let close = loop {
         match tokio::time::timeout(STEP, ws.next())
             .await
             .expect("close in time")
         {
             Some(Ok(Message::Close(Some(frame)))) => {
-                return (frame.code.into(), frame.reason.to_string());
+                break (frame.code.into(), frame.reason.to_string());
             }
-            Some(Ok(Message::Close(None))) => return (1005, String::new()),
+            Some(Ok(Message::Close(None))) => break (1005, String::new()),
             Some(Ok(_)) => continue,
             Some(Err(e)) => panic!("error before close frame: {e}"),
             None => panic!("stream ended without a close frame"),
         }
-    }
+    };
+    let _ = tokio::time::timeout(STEP, ws.next()).await;
+    close
 }
 
 /// Sends a raw HTTP/1.1 request and returns (status, head, body); the body is read by

@@ -1,0 +1,216 @@
+//! Picking backends by health and load, and what happens when one dies: passive health
+//! (max_fails/fail_timeout), least_conn, bounded-load consistent hashing, a backend dying
+//! mid-stream, and back-pressure toward a client that stops reading.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn whoami<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    ws.send(Message::text("whoami")).await.unwrap();
+    next_data(ws).await.into_text().unwrap().to_string()
+}
+
+fn upstream_config(servers: &str, upstream_extra: &str, defaults: &str) -> String {
+    format!(
+        "[gateway]\nworkers = 1\n[defaults]\n{defaults}\n[[listener]]\nbind = \"127.0.0.1:0\"\n\
+         [[route]]\nupstream = \"u\"\n[upstream.u]\n{upstream_extra}\nservers = [{servers}]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_fails_takes_a_server_out_for_fail_timeout_then_it_comes_back() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let b = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(
+        &upstream_config(
+            &format!("\"127.0.0.1:{port}\", \"{{BACKEND_1}}\""),
+            "max_fails = 2\nfail_timeout = \"700ms\"",
+            "",
+        ),
+        &[b.addr],
+    );
+    let url = format!("ws://{}/", addr(&gw));
+    // Server a is down: every tunnel fails over to b, and a is out after two failures.
+    for _ in 0..4 {
+        assert_eq!(whoami(&mut connect(&url).await).await, "b");
+    }
+    // a comes back on its port, but stays out of rotation until fail_timeout has passed.
+    let a = WsBackend::start_on(port, "a").await;
+    let out_since = Instant::now();
+    for _ in 0..4 {
+        assert_eq!(
+            whoami(&mut connect(&url).await).await,
+            "b",
+            "a must stay out for fail_timeout"
+        );
+    }
+    assert!(
+        out_since.elapsed() < Duration::from_millis(600),
+        "the check above took too long to mean anything"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        names.push(whoami(&mut connect(&url).await).await);
+    }
+    assert!(
+        names.iter().any(|n| n == "a"),
+        "a is back after fail_timeout: {names:?}"
+    );
+    assert!(a.handshakes() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_places_new_tunnels_on_the_least_loaded_server() {
+    let a = WsBackend::start("a", Behavior::Echo).await;
+    let b = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(
+        &upstream_config(
+            "\"{BACKEND_1}\", \"{BACKEND_2}\"",
+            "balance = \"least_conn\"",
+            "",
+        ),
+        &[a.addr, b.addr],
+    );
+    let url = format!("ws://{}/", addr(&gw));
+    let mut held: HashMap<String, Vec<_>> = HashMap::new();
+    for _ in 0..6 {
+        let mut ws = connect(&url).await;
+        let name = whoami(&mut ws).await;
+        held.entry(name).or_default().push(ws);
+    }
+    assert_eq!(
+        (held["a"].len(), held["b"].len()),
+        (3, 3),
+        "equal load alternates"
+    );
+    // Close three of a's tunnels: the next three go to a.
+    for mut ws in held.get_mut("a").unwrap().drain(..) {
+        ws.close(None).await.unwrap();
+        let _ = close_code(&mut ws).await;
+    }
+    let deadline = Instant::now() + STEP;
+    for _ in 0..3 {
+        loop {
+            let mut ws = connect(&url).await;
+            match whoami(&mut ws).await.as_str() {
+                "a" => break,
+                _ => {
+                    // The gateway may not have seen the closes yet; give it a moment.
+                    assert!(
+                        Instant::now() < deadline,
+                        "new tunnels did not go to the idle server"
+                    );
+                    drop(ws);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_load_hashing_caps_every_server_for_1000_client_addresses() {
+    let backends = [
+        WsBackend::start("s1", Behavior::Echo).await,
+        WsBackend::start("s2", Behavior::Echo).await,
+        WsBackend::start("s3", Behavior::Echo).await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    // The weight-2 server owns about half of the ring: without the bound it would take
+    // about 490 of the 1,000 clients.
+    let gw = gateway(
+        &upstream_config(
+            "\"{BACKEND_1}\", { addr = \"{BACKEND_2}\", weight = 2 }, \"{BACKEND_3}\"",
+            "balance = \"consistent_hash\"\nhash_balance_factor = 1.25",
+            "",
+        ),
+        &addrs,
+    );
+    let texts: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let ring =
+        wsgate::pool::KetamaRing::new(texts.iter().zip([1, 2, 1]).map(|(t, w)| (t.as_str(), w)));
+    let mut held = Vec::new();
+    let mut per_server: HashMap<String, usize> = HashMap::new();
+    let mut ring_owner: HashMap<String, usize> = HashMap::new();
+    for i in 0..1000u32 {
+        let client = IpAddr::V4(Ipv4Addr::new(127, 1 + (i / 250) as u8, (i % 250) as u8, 1));
+        let mut ws = connect_from(client, addr(&gw), "/").await;
+        let name = whoami(&mut ws).await;
+        *per_server.entry(name).or_default() += 1;
+        let owner = backends[ring.order(client.to_string().as_bytes())[0]]
+            .name
+            .clone();
+        *ring_owner.entry(owner).or_default() += 1;
+        held.push(ws);
+    }
+    let bound = (1000f64 * 1.25 / 3.0).ceil() as usize;
+    assert!(
+        ring_owner["s2"] > bound,
+        "the test needs an unbalanced ring: {ring_owner:?}"
+    );
+    for (name, n) in &per_server {
+        assert!(*n <= bound, "{name} holds {n} > {bound}: {per_server:?}");
+    }
+    assert!(
+        per_server["s2"] >= bound - 5,
+        "keys stay on their server up to the bound: {per_server:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_dies_mid_stream_gets_the_client_a_1011_at_once() {
+    let backend = WsBackend::start("dies", Behavior::DropOnMessage).await;
+    let gw = gateway(&upstream_config("\"{BACKEND_1}\"", "", ""), &[backend.addr]);
+    let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    ws.send(Message::text("bye")).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(close_code(&mut ws).await.0, 1011);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_back_the_backend_within_max_buffer() {
+    let backend = WsBackend::start("flood", Behavior::Flood(100 << 20)).await;
+    let gw = gateway(
+        &upstream_config("\"{BACKEND_1}\"", "", "max_buffer = \"64KiB\""),
+        &[backend.addr],
+    );
+    // Upgrade, then never read again.
+    let _ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        peak = peak.max(gw.shared().buffered.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent = backend.sent.load(Ordering::Relaxed);
+    assert!(peak > 0, "the gateway never had to hold anything back");
+    assert!(
+        peak <= 64 * 1024,
+        "buffered {peak} bytes for a tunnel limited to 64 KiB"
+    );
+    assert!(
+        sent < 100 << 20,
+        "the backend was not held back: it sent {sent} bytes"
+    );
+}
