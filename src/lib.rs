@@ -27,6 +27,7 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod limits;
 pub mod listener;
 pub mod pool;

@@ -348,6 +348,7 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        actix_rt::spawn(crate::health::run(self.shared.clone()));
         let supervisor = ctx.address();
         actix_rt::spawn(async move {
             let Ok(mut hangup) =

@@ -214,3 +214,55 @@ async fn a_client_that_stops_reading_holds_back_the_backend_within_max_buffer() 
         "the backend was not held back: it sent {sent} bytes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_take_a_server_out_and_bring_it_back() {
+    let mute = WsBackend::start("mute", Behavior::Mute).await;
+    let port = mute.addr.port();
+    let b = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(
+        &upstream_config(
+            "\"{BACKEND_1}\", \"{BACKEND_2}\"",
+            "health_check = { interval = \"100ms\", timeout = \"100ms\", rise = 2, fall = 2, probe = \"websocket\", path = \"/health\" }",
+            "handshake_timeout = \"5s\"",
+        ),
+        &[mute.addr, b.addr],
+    );
+    let server_a = || {
+        let snapshot = gw.shared().snapshot.load();
+        std::sync::Arc::clone(&snapshot.pools["u"].servers[0])
+    };
+    let wait_for = |want: bool, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while server_a().healthy() != want {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(
+        false,
+        "a server that never answers the upgrade probe is taken out",
+    );
+    let url = format!("ws://{}/", addr(&gw));
+    for _ in 0..4 {
+        let started = Instant::now();
+        assert_eq!(whoami(&mut connect(&url).await).await, "b");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the down server was tried"
+        );
+    }
+    drop(mute);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let a = WsBackend::start_on(port, "a").await;
+    wait_for(true, "a server that answers again comes back");
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        names.push(whoami(&mut connect(&url).await).await);
+    }
+    assert!(names.iter().any(|n| n == "a"), "{names:?}");
+    assert!(
+        a.seen.lock().unwrap().iter().any(|s| s.path == "/health"),
+        "probes use the configured path"
+    );
+}

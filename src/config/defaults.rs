@@ -79,5 +79,13 @@ pub const MAX_FAILS: u32 = 1;
 /// `fail_timeout`).
 pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Active health checks: how often each server is probed, and how long a probe may take.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Passes in a row that bring a server back, failures in a row that take it out (HAProxy's
+/// defaults): one lost probe does not flap a server.
+pub const HEALTH_RISE: u32 = 2;
+pub const HEALTH_FALL: u32 = 3;
+
 /// The default configuration file, relative to the working directory.
 pub const CONFIG_PATH: &str = "config/config.toml";

@@ -215,6 +215,32 @@ pub struct UpstreamConfig {
     /// for `fail_timeout` (0 = never).
     pub max_fails: u32,
     pub fail_timeout: Duration,
+    /// Active health checks, if configured.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health checks of an upstream's servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes that bring a down server back.
+    pub rise: u32,
+    /// Consecutive failures that take an up server out.
+    pub fall: u32,
+    pub probe: Probe,
+    /// Path of the HTTP and WebSocket probes.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// The TCP connection opens.
+    Tcp,
+    /// `GET path` answers 2xx or 3xx.
+    Http,
+    /// A WebSocket upgrade to `path` answers 101.
+    WebSocket,
 }
 
 /// Verification of an upstream's TLS servers (`wss://`/`https://` or `tls = true`).
@@ -772,11 +798,51 @@ impl Validator<'_> {
             hash_balance_percent,
             max_fails: raw.max_fails.unwrap_or(defaults::MAX_FAILS),
             fail_timeout: raw.fail_timeout.map_or(defaults::FAIL_TIMEOUT, |d| d.0),
+            health_check: match &raw.health_check {
+                None => None,
+                Some(hc) => Some(self.health_check(hc)?),
+            },
             tls: UpstreamTls {
                 ca: raw.ca.as_ref().map(|ca| self.base.join(ca)),
                 insecure_skip_verify: raw.insecure_skip_verify == Some(true),
             },
         })
+    }
+}
+
+impl Validator<'_> {
+    fn health_check(&self, hc: &Spanned<raw::RawHealthCheck>) -> Result<HealthCheck, ConfigError> {
+        let raw = hc.get_ref();
+        let probe = match raw.probe.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+            None | Some(("tcp", _)) => Probe::Tcp,
+            Some(("http", _)) => Probe::Http,
+            Some(("websocket", _)) => Probe::WebSocket,
+            Some((other, span)) => {
+                return self.err(
+                    span,
+                    format!("unknown probe {other:?}: expected \"tcp\", \"http\" or \"websocket\""),
+                );
+            }
+        };
+        let check = HealthCheck {
+            interval: raw.interval.map_or(defaults::HEALTH_INTERVAL, |d| d.0),
+            timeout: raw.timeout.map_or(defaults::HEALTH_TIMEOUT, |d| d.0),
+            rise: raw.rise.unwrap_or(defaults::HEALTH_RISE),
+            fall: raw.fall.unwrap_or(defaults::HEALTH_FALL),
+            probe,
+            path: raw.path.clone().unwrap_or_else(|| "/".to_string()),
+        };
+        if check.interval.is_zero() || check.timeout.is_zero() || check.rise == 0 || check.fall == 0
+        {
+            return self.err(
+                hc.span(),
+                "health_check interval, timeout, rise and fall must be above zero",
+            );
+        }
+        if !check.path.starts_with('/') {
+            return self.err(hc.span(), "health_check path must start with '/'");
+        }
+        Ok(check)
     }
 }
 

@@ -211,6 +211,19 @@ pub struct RawUpstream {
     pub hash_balance_factor: Option<Spanned<f64>>,
     pub max_fails: Option<u32>,
     pub fail_timeout: Option<HumanDuration>,
+    pub health_check: Option<Spanned<RawHealthCheck>>,
+}
+
+/// `[upstream.NAME.health_check]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub interval: Option<HumanDuration>,
+    pub timeout: Option<HumanDuration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    pub probe: Option<Spanned<String>>,
+    pub path: Option<String>,
 }
 
 /// A server: `"host:port"` or `{ addr = "host:port", weight = 2 }`.

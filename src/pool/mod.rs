@@ -12,7 +12,7 @@ mod round_robin;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::{Balance, ServerConfig, UpstreamConfig};
@@ -32,6 +32,10 @@ pub struct Server {
     fails: AtomicU32,
     window_start_ms: AtomicU64,
     down_until_ms: AtomicU64,
+    /// Active health: up (the default until probes say otherwise), and how many probes in
+    /// a row have disagreed with that.
+    active_up: AtomicBool,
+    streak: AtomicU32,
 }
 
 /// Milliseconds since the process started: a clock shared by every worker.
@@ -48,6 +52,8 @@ impl Server {
             fails: AtomicU32::new(0),
             window_start_ms: AtomicU64::new(0),
             down_until_ms: AtomicU64::new(0),
+            active_up: AtomicBool::new(true),
+            streak: AtomicU32::new(0),
         }
     }
 
@@ -55,9 +61,35 @@ impl Server {
         self.live_tunnels.load(Ordering::Relaxed)
     }
 
-    /// Not taken out by passive health checks.
+    /// Neither taken out by passive health (recent failures) nor by active probes.
     pub fn available(&self) -> bool {
-        self.down_until_ms.load(Ordering::Relaxed) <= now_ms()
+        self.active_up.load(Ordering::Relaxed)
+            && self.down_until_ms.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    /// Up according to active health checks.
+    pub fn healthy(&self) -> bool {
+        self.active_up.load(Ordering::Relaxed)
+    }
+
+    /// One active probe's result: `fall` failures in a row take an up server out, `rise`
+    /// passes in a row bring a down one back.
+    pub fn record_probe(&self, passed: bool, rise: u32, fall: u32) {
+        let up = self.active_up.load(Ordering::Relaxed);
+        if passed == up {
+            self.streak.store(0, Ordering::Relaxed);
+            return;
+        }
+        let streak = self.streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak >= if up { fall } else { rise } {
+            self.active_up.store(!up, Ordering::Relaxed);
+            self.streak.store(0, Ordering::Relaxed);
+            if up {
+                tracing::warn!(server = %self.config, "health check failed {fall} times: out of rotation");
+            } else {
+                tracing::info!(server = %self.config, "health check passed {rise} times: back in rotation");
+            }
+        }
     }
 
     /// A connect failure or timeout (not a refused upgrade): after `max_fails` of them within
@@ -240,6 +272,7 @@ mod tests {
             hash_balance_percent: 0,
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),
+            health_check: None,
         })
     }
 
