@@ -266,3 +266,90 @@ async fn active_checks_take_a_server_out_and_bring_it_back() {
         "probes use the configured path"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_process_killed_with_sigkill_during_traffic_gets_clients_a_1011() {
+    use std::io::BufRead;
+    // A real backend process: `wsgate demo` runs echo backends; it prints their addresses.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read its output on a thread that keeps the pipe open (a closed pipe would make the
+    // demo's next print fail).
+    let stdout = demo.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("backends:") {
+                let _ = line_tx.send(line);
+            }
+        }
+    });
+    let line = line_rx
+        .recv_timeout(STEP)
+        .expect("the demo prints its backends");
+    // "  backends:  backend-1 (127.0.0.1:PORT), backend-2 (...)"
+    let backend: std::net::SocketAddr = line
+        .split('(')
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let gw = gateway(&upstream_config("\"{BACKEND_1}\"", "", ""), &[backend]);
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut ws = connect(&format!("ws://{}/ws", addr(&gw))).await;
+        let greeting = next_data(&mut ws).await.into_text().unwrap().to_string();
+        assert!(greeting.starts_with("connected to backend-1"), "{greeting}");
+        ws.send(Message::text("ping")).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text("ping"));
+        clients.push(ws);
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &demo.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let started = Instant::now();
+    for ws in clients.iter_mut() {
+        assert_eq!(close_code(ws).await.0, 1011);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = demo.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_close_ends_a_client_that_stops_reading_with_1008() {
+    let backend = WsBackend::start("flood", Behavior::Flood(100 << 20)).await;
+    let gw = gateway(
+        &upstream_config(
+            "\"{BACKEND_1}\"",
+            "",
+            "max_buffer = \"64KiB\"\nslow_consumer = \"close\"\nslow_consumer_timeout = \"300ms\"",
+        ),
+        &[backend.addr],
+    );
+    let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    // Stop reading for longer than slow_consumer_timeout, then see how the tunnel ended.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The frame in flight is finished first, so the close frame arrives intact.
+    assert_eq!(close_code(&mut ws).await.0, 1008);
+}

@@ -87,5 +87,8 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 pub const HEALTH_RISE: u32 = 2;
 pub const HEALTH_FALL: u32 = 3;
 
+/// With `slow_consumer = "close"`: how long a leg may keep its buffer full.
+pub const SLOW_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The default configuration file, relative to the working directory.
 pub const CONFIG_PATH: &str = "config/config.toml";

@@ -111,6 +111,9 @@ pub struct TunnelSettings {
     pub max_frame_size: usize,
     pub max_message_size: usize,
     pub max_buffer: usize,
+    /// `slow_consumer = "close"`: a leg that keeps `max_buffer` full for this long is
+    /// closed with 1008. `None` (`"wait"`, the default): it is only held back.
+    pub slow_consumer_timeout: Option<Duration>,
 }
 
 impl Default for TunnelSettings {
@@ -125,6 +128,7 @@ impl Default for TunnelSettings {
             max_frame_size: defaults::MAX_FRAME_SIZE as usize,
             max_message_size: defaults::MAX_MESSAGE_SIZE as usize,
             max_buffer: defaults::MAX_BUFFER as usize,
+            slow_consumer_timeout: None,
         }
     }
 }
@@ -559,6 +563,27 @@ impl Validator<'_> {
             max_frame_size: size(&raw.max_frame_size, inherited.max_frame_size)?,
             max_message_size: size(&raw.max_message_size, inherited.max_message_size)?,
             max_buffer: size(&raw.max_buffer, inherited.max_buffer)?,
+            slow_consumer_timeout: {
+                let timeout = match &raw.slow_consumer_timeout {
+                    Some(t) if t.get_ref().0.is_zero() => {
+                        return self.err(t.span(), "slow_consumer_timeout must be above zero");
+                    }
+                    Some(t) => t.get_ref().0,
+                    None => inherited
+                        .slow_consumer_timeout
+                        .unwrap_or(defaults::SLOW_CONSUMER_TIMEOUT),
+                };
+                match &raw.slow_consumer {
+                    None => inherited.slow_consumer_timeout.map(|_| timeout),
+                    Some(s) => match s.get_ref().as_str() {
+                        "wait" => None,
+                        "close" => Some(timeout),
+                        other => {
+                            return self.err(s.span(), format!("unknown slow_consumer {other:?}: expected \"wait\" or \"close\""));
+                        }
+                    },
+                }
+            },
         })
     }
 

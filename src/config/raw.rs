@@ -91,6 +91,8 @@ macro_rules! with_tunnel_settings {
             pub max_frame_size: Option<Spanned<HumanSize>>,
             pub max_message_size: Option<Spanned<HumanSize>>,
             pub max_buffer: Option<Spanned<HumanSize>>,
+            pub slow_consumer: Option<Spanned<String>>,
+            pub slow_consumer_timeout: Option<Spanned<HumanDuration>>,
         }
 
         impl $name {
@@ -106,6 +108,8 @@ macro_rules! with_tunnel_settings {
                     max_frame_size: self.max_frame_size.clone(),
                     max_message_size: self.max_message_size.clone(),
                     max_buffer: self.max_buffer.clone(),
+                    slow_consumer: self.slow_consumer.clone(),
+                    slow_consumer_timeout: self.slow_consumer_timeout.clone(),
                 }
             }
         }

@@ -118,6 +118,9 @@ pub struct Tunnel {
     buffered: Arc<AtomicUsize>,
     /// What this tunnel last added to `buffered`.
     accounted: usize,
+    /// Since when bytes have been waiting toward each leg (for `slow_consumer = "close"`).
+    backlog_since: [Option<Instant>; 2],
+    slow_consumer_timeout: Option<Duration>,
 }
 
 impl Tunnel {
@@ -170,6 +173,8 @@ impl Tunnel {
             _permits: params.permits,
             buffered: params.buffered,
             accounted: 0,
+            backlog_since: [None, None],
+            slow_consumer_timeout: s.slow_consumer_timeout,
         }
         .start();
         gone
@@ -179,8 +184,9 @@ impl Tunnel {
     fn ingest(&mut self, from: Leg, input: &[u8], out: &mut Vec<u8>) {
         let to = from.other();
         self.timers.heard(from);
-        // Nothing may follow a Close toward `to`; while aborting only Close replies matter.
-        let forward = !self.aborting && !self.close_sent[to as usize];
+        // The direction itself stops after a Close it forwarded, and after the frame in
+        // flight once the gateway ends the tunnel (its own close follows that frame).
+        let forward = !self.dead[to as usize];
         out.clear();
         match self.dirs[from as usize].process(input, out, &self.limits) {
             Err(ending) => {
@@ -342,7 +348,7 @@ impl Tunnel {
                 self.arm_close_deadline = false;
                 self.start_close_deadline(ctx);
             }
-            self.account();
+            self.account(ctx);
             if self.finished() {
                 return Poll::Ready(());
             }
@@ -363,7 +369,25 @@ impl Tunnel {
 
     /// Brings the gateway-wide buffered count up to date (an atomic operation only when
     /// this tunnel's backlog changed, which happens only while a leg is slow).
-    fn account(&mut self) {
+    fn account(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timeout) = self.slow_consumer_timeout {
+            for leg in [Leg::Client, Leg::Backend] {
+                let i = leg as usize;
+                match (self.pending[i].is_empty(), self.backlog_since[i]) {
+                    (true, _) => self.backlog_since[i] = None,
+                    (false, None) => {
+                        let since = Instant::now();
+                        self.backlog_since[i] = Some(since);
+                        ctx.run_later(timeout, move |act, _| {
+                            if act.backlog_since[i] == Some(since) {
+                                act.end(Ending::Slow(leg));
+                            }
+                        });
+                    }
+                    (false, Some(_)) => {}
+                }
+            }
+        }
         let now = self.pending[0].len() + self.pending[1].len();
         if now != self.accounted {
             if now > self.accounted {
@@ -413,12 +437,8 @@ impl Tunnel {
             (Leg::Backend, abort.to_backend),
         ] {
             let i = leg as usize;
-            if self.dirs[leg.other() as usize].mid_frame() {
-                // Cut in the middle of a frame toward it: no valid frame can follow.
-                self.dead[i] = true;
-                self.pending[i] = Vec::new();
-                continue;
-            }
+            // Toward this leg: finish the frame in flight, then nothing but our close.
+            self.dirs[leg.other() as usize].cut();
             match reason {
                 Some(reason) if !self.dead[i] && !self.eof[i] => {
                     let code: u16 = reason.code.into();
@@ -430,7 +450,11 @@ impl Tunnel {
         }
         // A leg that stopped answering or broke the protocol is failed (RFC 6455 §7.1.7):
         // it gets its close frame, but nobody waits for its reply.
-        if let Ending::Silent(leg) | Ending::Protocol(leg) | Ending::TooBig(leg) = ending {
+        if let Ending::Silent(leg)
+        | Ending::Protocol(leg)
+        | Ending::TooBig(leg)
+        | Ending::Slow(leg) = ending
+        {
             self.eof[leg as usize] = true;
         }
         self.arm_close_deadline = true;
@@ -512,9 +536,10 @@ impl Actor for Tunnel {
         ctx.spawn(Relay);
     }
 
-    fn stopped(&mut self, _: &mut Self::Context) {
+    fn stopped(&mut self, ctx: &mut Self::Context) {
         self.pending = [Vec::new(), Vec::new()];
-        self.account();
+        self.slow_consumer_timeout = None;
+        self.account(ctx);
         tracing::debug!(client = %self.client_addr, route = %self.route,
             server = %self.lease.server().config, ending = ?self.ending, "tunnel closed");
     }

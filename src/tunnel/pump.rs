@@ -40,6 +40,11 @@ pub struct Direction {
     fragment: Option<u64>,
     /// The sending leg's Close frame went through: it sends no more frames.
     closed: bool,
+    /// The gateway is ending the tunnel: nothing new is forwarded, only the rest of the
+    /// frame in flight (`owed`), so the other leg's stream ends on a frame boundary where
+    /// the gateway's close frame can follow.
+    cut: bool,
+    owed: bool,
 }
 
 impl Direction {
@@ -50,6 +55,16 @@ impl Direction {
             frame_left: 0,
             fragment: None,
             closed: false,
+            cut: false,
+            owed: false,
+        }
+    }
+
+    /// Stop forwarding after the frame in flight.
+    pub fn cut(&mut self) {
+        if !self.cut {
+            self.cut = true;
+            self.owed = self.frame_left > 0;
         }
     }
 
@@ -61,7 +76,7 @@ impl Direction {
     /// In the middle of a frame toward the other leg: the gateway may not insert a frame
     /// of its own there.
     pub fn mid_frame(&self) -> bool {
-        self.frame_left > 0
+        self.frame_left > 0 && (!self.cut || self.owed)
     }
 
     /// Takes `input` (bytes read from the leg) and appends what goes to the other leg to
@@ -110,8 +125,13 @@ impl Direction {
             }
             if self.frame_left > 0 {
                 let take = self.frame_left.min((data.len() - i) as u64) as usize;
-                out.extend_from_slice(&data[i..i + take]);
+                if !self.cut || self.owed {
+                    out.extend_from_slice(&data[i..i + take]);
+                }
                 self.frame_left -= take as u64;
+                if self.frame_left == 0 {
+                    self.owed = false;
+                }
                 i += take;
                 continue;
             }
@@ -135,7 +155,9 @@ impl Direction {
             }
             self.data_header(&header, limits)?;
             seen.data = true;
-            out.extend_from_slice(&data[i..i + header.len]);
+            if !self.cut {
+                out.extend_from_slice(&data[i..i + header.len]);
+            }
             self.frame_left = header.payload_len;
             i += header.len;
         }
@@ -173,7 +195,9 @@ impl Direction {
             }
             _ => {}
         }
-        out.extend_from_slice(frame);
+        if !self.cut {
+            out.extend_from_slice(frame);
+        }
     }
 }
 

@@ -28,6 +28,8 @@ pub enum Ending {
     TooBig(Leg),
     /// The leg broke the protocol (bad fragment order, reserved bits, ...).
     Protocol(Leg),
+    /// The leg did not take what was sent to it for `slow_consumer_timeout`.
+    Slow(Leg),
     /// No data either way for `idle_timeout`.
     Idle,
     /// The gateway is shutting down (1001 to both).
@@ -74,6 +76,14 @@ impl Ending {
             Ending::Protocol(Leg::Backend) => (
                 reason(Other(1014), "backend protocol error"),
                 reason(Protocol, "protocol error"),
+            ),
+            Ending::Slow(Leg::Client) => (
+                reason(Policy, "too slow to read"),
+                reason(Away, "client too slow"),
+            ),
+            Ending::Slow(Leg::Backend) => (
+                reason(Away, "backend too slow"),
+                reason(Policy, "too slow to read"),
             ),
             Ending::Idle => (reason(Away, "idle timeout"), reason(Away, "idle timeout")),
             Ending::Shutdown => (
