@@ -168,7 +168,7 @@ async fn bounded_load_hashing_caps_every_server_for_1000_client_addresses() {
         assert!(*n <= bound, "{name} holds {n} > {bound}: {per_server:?}");
     }
     assert!(
-        per_server["s2"] >= bound - 5,
+        per_server["s2"] >= bound - 20,
         "keys stay on their server up to the bound: {per_server:?}"
     );
 }
