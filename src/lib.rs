@@ -24,6 +24,7 @@
 //! Starting, reloading and connecting may be slow; relaying frames must stay cheap: no
 //! per-frame allocation beyond what the codecs need, no lock, no mailbox hop.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -89,6 +90,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
 /// Dropping it shuts the gateway down gracefully and joins the thread.
 pub struct GatewayThread {
     pub listeners: Vec<BoundListener>,
+    /// The admin listener's address, if configured.
+    pub admin: Option<SocketAddr>,
     shared: actix_web::web::Data<proxy::Shared>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -112,7 +115,11 @@ impl GatewayThread {
                 actix_rt::System::new().block_on(async move {
                     match Supervisor::start(config, path) {
                         Ok(started) => {
-                            let _ = started_tx.send(Ok((started.listeners, started.shared)));
+                            let _ = started_tx.send(Ok((
+                                started.listeners,
+                                started.shared,
+                                started.admin,
+                            )));
                             let _ = stop_rx.await;
                             let _ = started.supervisor.send(Shutdown).await;
                         }
@@ -129,8 +136,9 @@ impl GatewayThread {
             ))
         });
         match started {
-            Ok((listeners, shared)) => Ok(GatewayThread {
+            Ok((listeners, shared, admin)) => Ok(GatewayThread {
                 listeners,
+                admin,
                 shared,
                 stop: Some(stop_tx),
                 thread: Some(thread),

@@ -36,6 +36,7 @@ pub struct Supervisor {
     retired: Vec<RunningListener>,
     upstream_tls: Arc<rustls::ClientConfig>,
     watcher: Option<actix::Addr<FileWatcher>>,
+    admin: Option<actix_web::dev::ServerHandle>,
 }
 
 /// The client TLS settings of every upstream that has TLS servers.
@@ -112,6 +113,8 @@ pub struct Started {
     pub supervisor: actix::Addr<Supervisor>,
     pub listeners: Vec<BoundListener>,
     pub shared: web::Data<Shared>,
+    /// Where the admin listener is bound, if configured.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Supervisor {
@@ -165,7 +168,23 @@ impl Supervisor {
         if let Some(watcher) = &watcher {
             watcher.do_send(WatchAlso(cert_files(&config)));
         }
+        let (admin, admin_addr) = match config.gateway.admin {
+            None => (None, None),
+            Some(addr) => {
+                let (handle, bound) =
+                    crate::admin::start(addr, shared.clone()).map_err(|source| {
+                        StartError::Bind(BindError {
+                            name: "admin".into(),
+                            bind: addr,
+                            source,
+                        })
+                    })?;
+                tracing::info!(addr = %bound, "admin listening");
+                (Some(handle), Some(bound))
+            }
+        };
         let supervisor = Supervisor {
+            admin,
             config,
             path,
             shared: shared.clone(),
@@ -178,6 +197,7 @@ impl Supervisor {
             supervisor: ctx.run(supervisor),
             listeners: bound,
             shared,
+            admin: admin_addr,
         })
     }
 
@@ -392,6 +412,8 @@ impl Handler<Shutdown> for Supervisor {
 
     fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
         self.watcher = None;
+        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        let admin = self.admin.take();
         let handles: Vec<_> = self
             .listeners
             .iter()
@@ -419,6 +441,9 @@ impl Handler<Shutdown> for Supervisor {
                 }
                 for handle in handles {
                     handle.stop(false).await;
+                }
+                if let Some(admin) = admin {
+                    admin.stop(false).await;
                 }
                 tracing::info!("stopped");
             }

@@ -112,11 +112,12 @@ fn free_port() -> u16 {
 async fn sigterm_sends_500_clients_1001_spread_over_shutdown_spread_then_exits_0() {
     let backend = WsBackend::start("b", Behavior::Echo).await;
     let port = free_port();
+    let admin = free_port();
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         &dir,
         &format!(
-            "[gateway]\nworkers = 1\nshutdown_spread = \"400ms\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\
+            "[gateway]\nworkers = 1\nadmin = \"127.0.0.1:{admin}\"\nshutdown_spread = \"400ms\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\
              [[route]]\nupstream = \"u\"\n[upstream.u]\nservers = [\"{}\"]\n",
             backend.addr
         ),
@@ -136,12 +137,29 @@ async fn sigterm_sends_500_clients_1001_spread_over_shutdown_spread_then_exits_0
     for _ in 0..500 {
         clients.push(connect(&format!("ws://127.0.0.1:{port}/")).await);
     }
+    let admin_addr: std::net::SocketAddr = ([127, 0, 0, 1], admin).into();
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    assert_eq!(http(admin_addr, &get("/healthz")).await.0, 200);
+    assert_eq!(http(admin_addr, &get("/readyz")).await.0, 200);
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let signalled = Instant::now();
+    // While the tunnels are being closed, readiness is already false.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if http(admin_addr, &get("/readyz")).await.0 == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness did not turn false on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Each client waits on its own task, so each close time is its own.
     let waits: Vec<_> = clients
         .into_iter()

@@ -10,7 +10,7 @@ pub mod websocket;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 
 use actix_http::RequestHead;
 use actix_web::http::header;
@@ -35,6 +35,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Bytes waiting in tunnels toward legs that read slower than their peer sends.
     pub buffered: Arc<AtomicUsize>,
+    /// Graceful shutdown has begun (readiness turns false).
+    pub shutting_down: AtomicBool,
 }
 
 impl Shared {
@@ -45,6 +47,7 @@ impl Shared {
             reloads_rejected: AtomicU64::new(0),
             limits: Limits::default(),
             buffered: Arc::new(AtomicUsize::new(0)),
+            shutting_down: AtomicBool::new(false),
         }
     }
 
