@@ -99,15 +99,6 @@ fn version_and_help() {
     }
 }
 
-/// A port that is free now (bound, then released) for a child process to take.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_sends_500_clients_1001_spread_over_shutdown_spread_then_exits_0() {
     let backend = WsBackend::start("b", Behavior::Echo).await;

@@ -13,14 +13,6 @@ use common::*;
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn whoami<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> String
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    ws.send(Message::text("whoami")).await.unwrap();
-    next_data(ws).await.into_text().unwrap().to_string()
-}
-
 fn upstream_config(servers: &str, upstream_extra: &str, defaults: &str) -> String {
     format!(
         "[gateway]\nworkers = 1\n[defaults]\n{defaults}\n[[listener]]\nbind = \"127.0.0.1:0\"\n\

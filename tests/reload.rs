@@ -74,22 +74,6 @@ impl Reloadable {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn whoami(url: &str) -> String {
-    let mut ws = connect(url).await;
-    ws.send(Message::text("whoami")).await.unwrap();
-    let name = next_data(&mut ws).await.into_text().unwrap().to_string();
-    let _ = ws.close(None).await;
-    name
-}
-
 /// The configuration of one torture step.
 #[derive(Clone)]
 struct Shape {
@@ -203,7 +187,7 @@ async fn reload_torture_keeps_every_tunnel_and_applies_only_valid_files() {
     let prober = tokio::spawn(async move {
         let mut ok = 0u64;
         while !prober_stop.load(Ordering::Relaxed) {
-            let name = whoami(&format!("ws://{main}/ws/probe")).await;
+            let name = whoami_at(&format!("ws://{main}/ws/probe")).await;
             assert!(name.starts_with('b'), "{name}");
             ok += 1;
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -285,7 +269,7 @@ async fn reload_torture_keeps_every_tunnel_and_applies_only_valid_files() {
             "add a route" => {
                 let route = shape.extra_routes.last().unwrap();
                 assert!(
-                    whoami(&format!("ws://{main}{route}x"))
+                    whoami_at(&format!("ws://{main}{route}x"))
                         .await
                         .starts_with('b')
                 );
@@ -293,7 +277,7 @@ async fn reload_torture_keeps_every_tunnel_and_applies_only_valid_files() {
             "add a listener" => {
                 let port = *shape.extra_listeners.last().unwrap();
                 assert!(
-                    whoami(&format!("ws://127.0.0.1:{port}/ws/"))
+                    whoami_at(&format!("ws://127.0.0.1:{port}/ws/"))
                         .await
                         .starts_with('b')
                 );
@@ -305,16 +289,16 @@ async fn reload_torture_keeps_every_tunnel_and_applies_only_valid_files() {
                     .map(|s| backends.iter().find(|b| b.addr == *s).unwrap().name.clone())
                     .collect();
                 for _ in 0..6 {
-                    let got = whoami(&format!("ws://{main}/ws/")).await;
+                    let got = whoami_at(&format!("ws://{main}/ws/")).await;
                     assert!(names.contains(&got), "{what}: {got} is not in {names:?}");
                 }
             }
             _ => {
                 if shape.consistent_hash {
-                    let first = whoami(&format!("ws://{main}/ws/")).await;
+                    let first = whoami_at(&format!("ws://{main}/ws/")).await;
                     for _ in 0..4 {
                         assert_eq!(
-                            whoami(&format!("ws://{main}/ws/")).await,
+                            whoami_at(&format!("ws://{main}/ws/")).await,
                             first,
                             "hash is sticky"
                         );
@@ -401,7 +385,7 @@ async fn a_bind_failure_rejects_the_whole_reload() {
     gw.within("reject a busy port", |g| g.rejected() > rejected)
         .await;
     assert_eq!(gw.generation(), generation);
-    assert_eq!(whoami(&format!("ws://{main}/")).await, "b1");
+    assert_eq!(whoami_at(&format!("ws://{main}/")).await, "b1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,9 +20,9 @@ use actix::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::ending::{Ending, HEARTBEAT_PAYLOAD};
 use super::heartbeat::{TimerEvent, Timers};
 use super::pump::{Direction, Limits};
-use super::relay::{Ending, HEARTBEAT_PAYLOAD};
 use super::wire::{self, OP_CLOSE, OP_PING};
 use super::{Leg, Registry, RegistryEntry};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,13 +5,13 @@
 //! ([`crate::proxy`]), then [`Tunnel::start`] spawns the actor on the accepting worker with
 //! both raw sockets. It relays frames as they came ([`pump`], on [`wire`] headers), pings
 //! both legs ([`heartbeat`]), holds back a fast sender while the other leg is slow, and
-//! ends with a close frame to each leg that can still take one ([`relay`] says which).
+//! ends with a close frame to each leg that can still take one ([`ending`] says which).
 //! [`Registry`] lists live tunnels so shutdown and draining can reach them.
 
 mod actor;
+pub mod ending;
 pub mod heartbeat;
 pub mod pump;
-pub mod relay;
 pub mod wire;
 
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use actix::Recipient;
 use dashmap::DashMap;
 
 pub use actor::{End, Io, LegIo, Tunnel, TunnelParams};
-pub use relay::Ending;
+pub use ending::Ending;
 
 use crate::pool::Server;
 

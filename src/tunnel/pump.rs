@@ -9,7 +9,7 @@
 //! pongs to the gateway's own heartbeat pings are consumed, Close frames are noted.
 
 use super::Leg;
-use super::relay::{Ending, HEARTBEAT_PAYLOAD};
+use super::ending::{Ending, HEARTBEAT_PAYLOAD};
 use super::wire::{self, Header, OP_CLOSE, OP_CONTINUATION, OP_PONG};
 
 /// What the direction saw besides frames to forward.

@@ -476,6 +476,32 @@ pub async fn http(addr: SocketAddr, request: &str) -> (u16, String, Vec<u8>) {
     (status, head, body)
 }
 
+/// Asks an echo backend through `ws` which backend it is.
+pub async fn whoami<S>(ws: &mut WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    ws.send(Message::text("whoami")).await.unwrap();
+    next_data(ws).await.into_text().unwrap().to_string()
+}
+
+/// Opens a WebSocket to `url`, asks which backend answers, and closes it.
+pub async fn whoami_at(url: &str) -> String {
+    let mut ws = connect(url).await;
+    let name = whoami(&mut ws).await;
+    let _ = ws.close(None).await;
+    name
+}
+
+/// A loopback port that is free now (bound, then released) for a listener to take.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The process's resident set size in bytes.
 pub fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
