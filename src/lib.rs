@@ -31,6 +31,7 @@ pub mod demo;
 pub mod health;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod snapshot;

@@ -108,14 +108,22 @@ pub fn serve(
                 tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(tls_config, resolver)));
             builder.listen(name, socket, move || {
                 let acceptor = acceptor.clone();
+                let for_failures = shared.clone();
                 fn_service(move |io: TcpStream| {
                     let acceptor = acceptor.clone();
+                    let shared = for_failures.clone();
                     async move {
                         let (io, peer) = accepted(io);
                         let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io))
                             .await
-                            .map_err(|_| DispatchError::SlowRequestTimeout)?
-                            .map_err(DispatchError::Io)?;
+                            .map_err(|_| {
+                                shared.metrics.tls_failures.inc();
+                                DispatchError::SlowRequestTimeout
+                            })?
+                            .map_err(|err| {
+                                shared.metrics.tls_failures.inc();
+                                DispatchError::Io(err)
+                            })?;
                         Ok::<_, DispatchError>((tls, peer))
                     }
                 })

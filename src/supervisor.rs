@@ -203,6 +203,7 @@ impl Supervisor {
 
     fn reject(&self, problem: &dyn std::fmt::Display) {
         self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.reload("rejected");
         tracing::error!(
             generation = self.shared.generation(),
             "reload rejected, configuration unchanged: {problem}"
@@ -239,6 +240,7 @@ impl Supervisor {
         let generation = self.shared.generation();
         tracing::info!(generation, sha256 = %new.source.sha256, trigger,
             changes = %diff::summary(&changes), "configuration applied");
+        self.shared.metrics.reload("applied");
         self.drain(&changes, &new);
         self.config = new;
         self.reload_certificates();

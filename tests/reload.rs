@@ -384,6 +384,12 @@ async fn a_bind_failure_rejects_the_whole_reload() {
     ));
     gw.within("reject a busy port", |g| g.rejected() > rejected)
         .await;
+    let shared = gw.gw.shared();
+    let metrics = shared.metrics.render(shared);
+    assert!(
+        metrics.contains("wsgate_config_reloads_total{result=\"rejected\"} 1"),
+        "{metrics}"
+    );
     assert_eq!(gw.generation(), generation);
     assert_eq!(whoami_at(&format!("ws://{main}/")).await, "b1");
 }

@@ -159,6 +159,8 @@ pub struct RouteConfig {
     pub max_connections: usize,
     /// Origins allowed to open a WebSocket here (empty = any); 403 otherwise.
     pub allowed_origins: Vec<OriginMatch>,
+    /// Log one line per tunnel when it ends (nginx `access_log`; off for noisy routes).
+    pub access_log: bool,
     pub settings: TunnelSettings,
 }
 
@@ -711,6 +713,7 @@ impl Validator<'_> {
             listeners: names,
             host_header,
             max_connections: route.max_connections.unwrap_or(0),
+            access_log: route.access_log.unwrap_or(true),
             allowed_origins,
             settings: self.settings(&route.settings(), base)?,
         })

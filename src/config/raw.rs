@@ -197,6 +197,7 @@ with_tunnel_settings! {
         pub host_header: Option<Spanned<String>>,
         pub max_connections: Option<usize>,
         pub allowed_origins: Option<Vec<Spanned<String>>>,
+        pub access_log: Option<bool>,
     }
 }
 

@@ -31,6 +31,24 @@ pub enum ProxyError {
     NoHealthyServer(String),
 }
 
+impl ProxyError {
+    /// The `result` label of the handshake metric.
+    pub fn result_label(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::BadUpgrade(_) | ProxyError::UnsupportedVersion => "bad_request",
+            ProxyError::Unavailable { .. } | ProxyError::NoHealthyServer(_) => {
+                "upstream_unavailable"
+            }
+            ProxyError::Timeout { .. } => "timeout",
+            ProxyError::Refused(_) => "upstream_refused",
+            ProxyError::Redirect(_) => "redirected",
+            ProxyError::Busy(_) | ProxyError::TooManyFromAddress => "limited",
+            ProxyError::OriginNotAllowed(_) => "forbidden_origin",
+        }
+    }
+}
+
 impl From<HandshakeError> for ProxyError {
     fn from(err: HandshakeError) -> Self {
         match err {

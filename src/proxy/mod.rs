@@ -21,6 +21,7 @@ pub use error::ProxyError;
 pub use upstream_client::UpstreamClients;
 
 use crate::limits::Limits;
+use crate::metrics::Metrics;
 use crate::snapshot::{Route, Snapshot};
 use crate::tunnel::Registry;
 
@@ -37,6 +38,7 @@ pub struct Shared {
     pub buffered: Arc<AtomicUsize>,
     /// Graceful shutdown has begun (readiness turns false).
     pub shutting_down: AtomicBool,
+    pub metrics: Metrics,
 }
 
 impl Shared {
@@ -48,6 +50,7 @@ impl Shared {
             limits: Limits::default(),
             buffered: Arc::new(AtomicUsize::new(0)),
             shutting_down: AtomicBool::new(false),
+            metrics: Metrics::default(),
         }
     }
 

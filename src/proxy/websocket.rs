@@ -22,6 +22,7 @@ use super::headers::{self, Forwarded};
 use super::{ListenerInfo, ProxyError, Shared, UpstreamClients, authority, match_route};
 use crate::config::TunnelSettings;
 use crate::limits::Permits;
+use crate::metrics;
 use crate::pool::Server;
 use crate::tunnel::{Io, LegIo, Tunnel, TunnelParams};
 
@@ -62,6 +63,7 @@ pub async fn serve_upgrade<T: Io>(
     } = framed.into_parts();
     // Boxed: the dial's large future would otherwise stay part of this one (and of every
     // tunnel's memory) while it waits for the tunnel to end.
+    let started = std::time::Instant::now();
     let outcome = match ctx.listener.redirect_https {
         Some(port) => Err(super::redirect(req.head(), port)),
         None => Box::pin(accept(&req, &ctx)).await,
@@ -73,8 +75,14 @@ pub async fn serve_upgrade<T: Io>(
                 tokio::time::timeout(CLIENT_WRITE_TIMEOUT, client.write_all(&accepted.response))
                     .await;
             if !matches!(written, Ok(Ok(()))) {
+                metrics::handshake(&ctx.shared.metrics, "client_gone");
                 return Ok(());
             }
+            metrics::handshake(&ctx.shared.metrics, "ok");
+            ctx.shared
+                .metrics
+                .handshake_seconds
+                .observe(started.elapsed().as_secs_f64());
             let gone = Tunnel::start(
                 LegIo {
                     io: Box::new(client),
@@ -87,6 +95,7 @@ pub async fn serve_upgrade<T: Io>(
             let _ = gone.await;
         }
         Err(err) => {
+            metrics::handshake(&ctx.shared.metrics, err.result_label());
             let response = refusal(&err);
             let _ = tokio::time::timeout(CLIENT_WRITE_TIMEOUT, async {
                 client.write_all(&response).await?;
@@ -195,6 +204,9 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
                         settings,
                         permits,
                         buffered: Arc::clone(&ctx.shared.buffered),
+                        counters: ctx.shared.metrics.relay_counters(),
+                        shared: ctx.shared.clone(),
+                        access_log: route.config.access_log,
                         registry: Arc::clone(&ctx.shared.registry),
                         lease: server.lease(),
                         upstream: Arc::from(route.config.upstream.as_str()),

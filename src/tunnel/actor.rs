@@ -31,6 +31,7 @@ use crate::config::TunnelSettings;
 use crate::config::defaults::CLOSE_TIMEOUT;
 use crate::limits::Permits;
 use crate::pool::ServerLease;
+use prometheus_client::metrics::counter::Counter;
 
 /// A leg's byte stream: a TCP connection, or later TLS on top of one.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + 'static {}
@@ -50,6 +51,12 @@ pub struct TunnelParams {
     pub permits: Permits,
     /// The gateway-wide count of bytes waiting toward slow legs.
     pub buffered: Arc<AtomicUsize>,
+    /// Frame and byte counters per direction, `[from client, from backend]`.
+    pub counters: [(Counter, Counter); 2],
+    /// Where close frames are counted.
+    pub shared: actix_web::web::Data<crate::proxy::Shared>,
+    /// Write an access log line when the tunnel ends.
+    pub access_log: bool,
     pub registry: Arc<Registry>,
     pub lease: ServerLease,
     /// The upstream the server was picked from (draining is per upstream).
@@ -121,6 +128,15 @@ pub struct Tunnel {
     /// Since when bytes have been waiting toward each leg (for `slow_consumer = "close"`).
     backlog_since: [Option<Instant>; 2],
     slow_consumer_timeout: Option<Duration>,
+    counters: [(Counter, Counter); 2],
+    shared: actix_web::web::Data<crate::proxy::Shared>,
+    access_log: bool,
+    started: Instant,
+    /// Frames and bytes from each leg, for the access log.
+    frames: [u64; 2],
+    bytes: [u64; 2],
+    /// The first close frame that went through, with the side that sent it.
+    first_close: Option<(&'static str, Option<u16>)>,
 }
 
 impl Tunnel {
@@ -175,6 +191,13 @@ impl Tunnel {
             accounted: 0,
             backlog_since: [None, None],
             slow_consumer_timeout: s.slow_consumer_timeout,
+            counters: params.counters,
+            shared: params.shared,
+            access_log: params.access_log,
+            started: Instant::now(),
+            frames: [0; 2],
+            bytes: [0; 2],
+            first_close: None,
         }
         .start();
         gone
@@ -199,6 +222,20 @@ impl Tunnel {
             Ok(seen) => {
                 if seen.data {
                     self.timers.data();
+                }
+                let i = from as usize;
+                self.frames[i] += u64::from(seen.frames);
+                self.bytes[i] += input.len() as u64;
+                self.counters[i].0.inc_by(u64::from(seen.frames));
+                self.counters[i].1.inc_by(input.len() as u64);
+                if let Some(code) = seen.close {
+                    let side = if from == Leg::Client {
+                        "client"
+                    } else {
+                        "backend"
+                    };
+                    self.shared.metrics.close(side, code);
+                    self.first_close.get_or_insert((side, code));
                 }
                 if !forward {
                     out.clear();
@@ -442,6 +479,10 @@ impl Tunnel {
             match reason {
                 Some(reason) if !self.dead[i] && !self.eof[i] => {
                     let code: u16 = reason.code.into();
+                    self.shared.metrics.close("gateway", Some(code));
+                    if leg == Leg::Client {
+                        self.first_close.get_or_insert(("gateway", Some(code)));
+                    }
                     let text = reason.description.as_deref().unwrap_or("");
                     self.inject_frame(leg, OP_CLOSE, &wire::close_payload(code, text));
                 }
@@ -540,6 +581,16 @@ impl Actor for Tunnel {
         self.pending = [Vec::new(), Vec::new()];
         self.slow_consumer_timeout = None;
         self.account(ctx);
+        if self.access_log {
+            let (closed_by, code) = self.first_close.unwrap_or(("none", None));
+            tracing::info!(target: "wsgate::access",
+                client = %self.client_addr, route = %self.route, server = %self.lease.server().config,
+                duration_ms = self.started.elapsed().as_millis() as u64,
+                frames_in = self.frames[0], bytes_in = self.bytes[0],
+                frames_out = self.frames[1], bytes_out = self.bytes[1],
+                close_code = code.map_or(0, u64::from), closed_by,
+                ending = ?self.ending, "tunnel");
+        }
         tracing::debug!(client = %self.client_addr, route = %self.route,
             server = %self.lease.server().config, ending = ?self.ending, "tunnel closed");
     }

@@ -17,6 +17,8 @@ use super::wire::{self, Header, OP_CLOSE, OP_CONTINUATION, OP_PONG};
 pub struct Seen {
     /// A data frame (text, binary, continuation) went through.
     pub data: bool,
+    /// Frames whose header went through (data and control).
+    pub frames: u32,
     /// The sending leg's Close frame went through (its close code, if any).
     pub close: Option<Option<u16>>,
 }
@@ -149,12 +151,14 @@ impl Direction {
                 if data.len() - i < whole {
                     break;
                 }
+                seen.frames += 1;
                 self.control(&header, &data[i..i + whole], out, seen);
                 i += whole;
                 continue;
             }
             self.data_header(&header, limits)?;
             seen.data = true;
+            seen.frames += 1;
             if !self.cut {
                 out.extend_from_slice(&data[i..i + header.len]);
             }
@@ -263,7 +267,13 @@ mod tests {
         input.extend(&hb);
         let (out, seen) = run(&mut dir, &input);
         assert_eq!(out, app);
-        assert_eq!(seen.unwrap(), Seen::default());
+        assert_eq!(
+            seen.unwrap(),
+            Seen {
+                frames: 3,
+                ..Seen::default()
+            }
+        );
     }
 
     #[test]
