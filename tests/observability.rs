@@ -208,6 +208,13 @@ async fn a_tunnel_writes_one_json_access_log_line() {
         .unwrap();
         let _ = close_code(&mut ws).await;
     }
+    // A plain HTTP request on the logging route: the echo backend is no HTTP server, but
+    // whatever it answers is logged.
+    let _ = http(
+        ([127, 0, 0, 1], port).into(),
+        "GET /ws/page HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -221,12 +228,18 @@ async fn a_tunnel_writes_one_json_access_log_line() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["target"] == "wsgate::access")
         .collect();
+    let http_line = access
+        .iter()
+        .find(|v| v["message"] == "http")
+        .expect("the plain HTTP request is logged");
+    assert_eq!(http_line["path"], "/ws/page", "{http_line}");
+    let tunnels: Vec<_> = access.iter().filter(|v| v["message"] == "tunnel").collect();
     assert_eq!(
-        access.len(),
+        tunnels.len(),
         1,
-        "one line, for the route that logs:\n{stderr}"
+        "one tunnel line, for the route that logs:\n{stderr}"
     );
-    let line = &access[0];
+    let line = tunnels[0];
     assert!(line["route"].as_str().unwrap().contains("/ws/"), "{line}");
     assert_eq!(line["server"], backend.addr.to_string());
     assert_eq!(line["close_code"], 1000);

@@ -157,8 +157,22 @@ pub async fn handle(
     if let Some(port) = listener.redirect_https {
         return Err(redirect(req.head(), port));
     }
+    let started = std::time::Instant::now();
     let matched = match_route(&shared, &listener, req.head())?;
-    http::proxy(req, payload, matched, &listener, &clients).await
+    if !matched.route.config.access_log {
+        return http::proxy(req, payload, matched, &listener, &clients).await;
+    }
+    let (route, client) = (matched.route.label.clone(), matched.client_ip);
+    let (method, path) = (req.method().clone(), req.uri().to_string());
+    let result = http::proxy(req, payload, matched, &listener, &clients).await;
+    let status = match &result {
+        Ok(response) => response.status(),
+        Err(err) => actix_web::ResponseError::status_code(err),
+    };
+    // At the response head: a streamed body goes on afterwards.
+    tracing::info!(target: "wsgate::access", client = %client, route = %route, method = %method,
+        path = %path, status = status.as_u16(), duration_ms = started.elapsed().as_millis() as u64, "http");
+    result
 }
 
 /// `host:port` for a URL, with brackets around an IPv6 literal.
