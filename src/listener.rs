@@ -92,6 +92,7 @@ pub fn serve(
         name: Arc::from(config.name.as_str()),
         proto: if tls.is_some() { "https" } else { "http" },
         redirect_https: config.redirect_https,
+        real_ip_from: Arc::from(config.real_ip_from.as_slice()),
     };
     let builder = actix_server::Server::build()
         .workers(workers)
@@ -101,51 +102,38 @@ pub fn serve(
         // close; the supervisor ends them itself at shutdown.
         .shutdown_timeout(RETIRED_LISTENER_GRACE_SECS);
     let name = config.name.clone();
-    let header_timeout = client_header_timeout;
-    let server = match (&config.tls, tls.clone()) {
-        (Some(tls_config), Some(resolver)) => {
-            let acceptor =
-                tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(tls_config, resolver)));
-            builder.listen(name, socket, move || {
-                let acceptor = acceptor.clone();
-                let for_failures = shared.clone();
-                fn_service(move |io: TcpStream| {
-                    let acceptor = acceptor.clone();
-                    let shared = for_failures.clone();
-                    async move {
-                        let (io, peer) = accepted(io);
-                        let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io))
-                            .await
-                            .map_err(|_| {
-                                shared.metrics.tls_failures.inc();
-                                DispatchError::SlowRequestTimeout
-                            })?
-                            .map_err(|err| {
-                                shared.metrics.tls_failures.inc();
-                                DispatchError::Io(err)
-                            })?;
-                        Ok::<_, DispatchError>((tls, peer))
-                    }
-                })
-                .and_then(http_service(
-                    header_timeout,
-                    &shared,
-                    &info,
-                    &upstream_tls,
-                ))
+    let acceptor = match (&config.tls, tls.clone()) {
+        (Some(tls_config), Some(resolver)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            tls::server_config(tls_config, resolver),
+        ))),
+        _ => None,
+    };
+    let front = Arc::new(Front {
+        acceptor,
+        proxy_protocol: config.proxy_protocol,
+        trusted_proxies: config.trusted_proxies.clone(),
+        shared: shared.clone(),
+    });
+    let server = builder
+        .listen(name, socket, move || {
+            let front = Arc::clone(&front);
+            fn_service(move |io: TcpStream| {
+                let front = Arc::clone(&front);
+                async move { front.accept(io).await }
             })
-        }
-        _ => builder.listen(name, socket, move || {
-            fn_service(|io: TcpStream| async move { Ok::<_, DispatchError>(accepted(io)) })
-                .and_then(http_service(header_timeout, &shared, &info, &upstream_tls))
-        }),
-    }
-    .map_err(|source| BindError {
-        name: config.name.clone(),
-        bind: config.bind,
-        source,
-    })?
-    .run();
+            .and_then(http_service::<Box<dyn Io>>(
+                client_header_timeout,
+                &shared,
+                &info,
+                &upstream_tls,
+            ))
+        })
+        .map_err(|source| BindError {
+            name: config.name.clone(),
+            bind: config.bind,
+            source,
+        })?
+        .run();
     let handle = server.handle();
     actix_rt::spawn(server);
     Ok(RunningListener {
@@ -159,12 +147,74 @@ pub fn serve(
 /// A TLS client has this long to finish its handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A freshly accepted connection: Nagle off (relayed small frames must not wait for a
-/// delayed ACK) and its peer address.
-fn accepted(io: TcpStream) -> (TcpStream, Option<std::net::SocketAddr>) {
-    let _ = io.set_nodelay(true);
-    let peer = io.peer_addr().ok();
-    (io, peer)
+/// A balancer has this long to send its PROXY protocol header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What happens to a connection before HTTP: the PROXY protocol header, then TLS.
+struct Front {
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    proxy_protocol: bool,
+    trusted_proxies: Vec<ipnet::IpNet>,
+    shared: web::Data<Shared>,
+}
+
+impl Front {
+    /// Nagle off (relayed small frames must not wait for a delayed ACK), the PROXY header
+    /// read and checked, TLS terminated; returns the stream and the client's address.
+    async fn accept(
+        &self,
+        io: TcpStream,
+    ) -> Result<(Box<dyn Io>, Option<SocketAddr>), DispatchError> {
+        let _ = io.set_nodelay(true);
+        let mut peer = io.peer_addr().ok();
+        let io: Box<dyn Io> = if self.proxy_protocol {
+            let trusted =
+                peer.is_some_and(|p| self.trusted_proxies.iter().any(|net| net.contains(&p.ip())));
+            if !trusted {
+                self.shared.metrics.proxy_protocol_refused.inc();
+                tracing::debug!(peer = ?peer, "PROXY protocol from an untrusted address: refused");
+                return Err(DispatchError::Io(std::io::Error::other(
+                    "untrusted PROXY source",
+                )));
+            }
+            let parsed = tokio::time::timeout(
+                PROXY_HEADER_TIMEOUT,
+                proxy_header::io::ProxiedStream::create_from_tokio(
+                    io,
+                    proxy_header::ParseConfig::default(),
+                ),
+            )
+            .await;
+            let stream = match parsed {
+                Ok(Ok(stream)) => stream,
+                _ => {
+                    self.shared.metrics.proxy_protocol_refused.inc();
+                    tracing::debug!(peer = ?peer, "missing or malformed PROXY protocol header: refused");
+                    return Err(DispatchError::Io(std::io::Error::other("bad PROXY header")));
+                }
+            };
+            if let Some(addr) = stream.proxy_header().proxied_address() {
+                peer = Some(addr.source);
+            }
+            Box::new(stream)
+        } else {
+            Box::new(io)
+        };
+        let Some(acceptor) = &self.acceptor else {
+            return Ok((io, peer));
+        };
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => Ok((Box::new(tls), peer)),
+            Ok(Err(err)) => {
+                self.shared.metrics.tls_failures.inc();
+                Err(DispatchError::Io(err))
+            }
+            Err(_) => {
+                self.shared.metrics.tls_failures.inc();
+                Err(DispatchError::SlowRequestTimeout)
+            }
+        }
+    }
 }
 
 /// The HTTP/1.1 service of one worker over connections of type `T`: WebSocket upgrades go

@@ -20,6 +20,7 @@ pub const BYTES: &str = "wsgate_relayed_bytes";
 pub const CLOSES: &str = "wsgate_close_frames";
 pub const RELOADS: &str = "wsgate_config_reloads";
 pub const TLS_FAILURES: &str = "wsgate_tls_handshake_failures";
+pub const PROXY_REFUSED: &str = "wsgate_proxy_protocol_refused";
 pub const GENERATION: &str = "wsgate_config_generation";
 pub const TUNNELS_ROUTE: &str = "wsgate_live_tunnels_by_route";
 pub const TUNNELS_SERVER: &str = "wsgate_live_tunnels_by_server";
@@ -44,6 +45,7 @@ pub struct Metrics {
     closes: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
     pub tls_failures: Counter,
+    pub proxy_protocol_refused: Counter,
     generation: Gauge,
     tunnels_route: Family<Labels, Gauge>,
     tunnels_server: Family<Labels, Gauge>,
@@ -68,6 +70,7 @@ impl Default for Metrics {
             closes: Family::default(),
             reloads: Family::default(),
             tls_failures: Counter::default(),
+            proxy_protocol_refused: Counter::default(),
             generation: Gauge::default(),
             tunnels_route: Family::default(),
             tunnels_server: Family::default(),
@@ -100,6 +103,11 @@ impl Default for Metrics {
             TLS_FAILURES,
             "TLS handshakes that failed",
             m.tls_failures.clone(),
+        );
+        registry.register(
+            PROXY_REFUSED,
+            "Connections refused for an untrusted source or a bad PROXY protocol header",
+            m.proxy_protocol_refused.clone(),
         );
         registry.register(
             GENERATION,

@@ -80,6 +80,13 @@ pub struct ListenerConfig {
     pub tls: Option<TlsConfig>,
     /// Answers every request with a 308 to `https://` on this port instead of proxying.
     pub redirect_https: Option<u16>,
+    /// Connections start with a PROXY protocol header (v1 or v2) from one of
+    /// `trusted_proxies`; its source address is the client's address everywhere.
+    pub proxy_protocol: bool,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Requests from these addresses carry the client's address in X-Forwarded-For (an L7
+    /// balancer in front): the rightmost address not in this list is the client's.
+    pub real_ip_from: Vec<ipnet::IpNet>,
 }
 
 /// A TLS listener's certificates (chosen by SNI) and protocol floor.
@@ -462,11 +469,42 @@ impl Validator<'_> {
                     raw::RawRedirect::On(_) => Some(443),
                 },
             };
+            let nets =
+                |list: &Option<Vec<Spanned<String>>>| -> Result<Vec<ipnet::IpNet>, ConfigError> {
+                    let mut out = Vec::new();
+                    for cidr in list.iter().flatten() {
+                        let text = cidr.get_ref().trim();
+                        let net = text
+                            .parse::<ipnet::IpNet>()
+                            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+                        match net {
+                            Ok(net) => out.push(net),
+                            Err(_) => {
+                                return self.err(cidr.span(), format!("invalid address or CIDR {text:?}: write e.g. \"10.0.0.0/8\" or \"192.0.2.7\""));
+                            }
+                        }
+                    }
+                    Ok(out)
+                };
+            let trusted_proxies = nets(&listener.trusted_proxies)?;
+            let proxy_protocol = listener
+                .proxy_protocol
+                .as_ref()
+                .is_some_and(|p| *p.get_ref());
+            if let Some(p) = &listener.proxy_protocol
+                && proxy_protocol
+                && trusted_proxies.is_empty()
+            {
+                return self.err(p.span(), "proxy_protocol needs trusted_proxies = [\"CIDR\", …]: the balancers allowed to send the header");
+            }
             out.push(ListenerConfig {
                 name,
                 bind,
                 tls,
                 redirect_https,
+                proxy_protocol,
+                trusted_proxies,
+                real_ip_from: nets(&listener.real_ip_from)?,
             });
         }
         Ok(out)

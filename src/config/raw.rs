@@ -159,6 +159,9 @@ pub struct RawListener {
     pub bind: Spanned<String>,
     pub tls: Option<Spanned<RawTls>>,
     pub redirect_https: Option<Spanned<RawRedirect>>,
+    pub proxy_protocol: Option<Spanned<bool>>,
+    pub trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub real_ip_from: Option<Vec<Spanned<String>>>,
 }
 
 /// `tls = { cert = "…", key = "…" }` or `tls = { certs = [{ cert, key }, …] }`.

@@ -36,7 +36,10 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// Facts about the client's request that the forwarding headers carry.
 pub struct Forwarded<'a> {
+    /// The client (X-Real-IP).
     pub client_ip: IpAddr,
+    /// The hop the request came from, appended to X-Forwarded-For.
+    pub peer_ip: IpAddr,
     /// `http` or `https`: how the client reached the gateway.
     pub proto: &'static str,
     /// The Host the client asked for.
@@ -86,16 +89,18 @@ pub fn to_backend(incoming: &HeaderMap, fwd: &Forwarded<'_>) -> HeaderMap {
     if let Some(original) = fwd.host {
         out.insert(X_FORWARDED_HOST, original.clone());
     }
-    // nginx's $proxy_add_x_forwarded_for: the list the client sent, then the client.
+    // nginx's $proxy_add_x_forwarded_for: the list the client sent, then the hop it came
+    // from (the client itself unless a trusted balancer is in between).
     let client_ip = fwd.client_ip.to_canonical().to_string();
+    let peer_ip = fwd.peer_ip.to_canonical().to_string();
     let previous: Vec<&str> = incoming
         .get_all(X_FORWARDED_FOR)
         .filter_map(|v| v.to_str().ok())
         .collect();
     let xff = if previous.is_empty() {
-        client_ip.clone()
+        peer_ip
     } else {
-        format!("{}, {client_ip}", previous.join(", "))
+        format!("{}, {peer_ip}", previous.join(", "))
     };
     if let Ok(xff) = HeaderValue::from_str(&xff) {
         out.insert(X_FORWARDED_FOR, xff);
@@ -150,6 +155,7 @@ mod tests {
             &incoming,
             &Forwarded {
                 client_ip: "::ffff:127.0.0.7".parse().unwrap(),
+                peer_ip: "::ffff:127.0.0.7".parse().unwrap(),
                 proto: "https",
                 host: host.as_ref(),
                 host_override: None,
@@ -187,6 +193,7 @@ mod tests {
             &incoming,
             &Forwarded {
                 client_ip: "10.0.0.1".parse().unwrap(),
+                peer_ip: "10.0.0.1".parse().unwrap(),
                 proto: "http",
                 host: host.as_ref(),
                 host_override: Some("backend.internal:9000"),

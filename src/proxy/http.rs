@@ -45,6 +45,7 @@ pub(super) async fn proxy(
         req.headers(),
         &Forwarded {
             client_ip: matched.client_ip,
+            peer_ip: matched.peer_ip,
             proto: listener.proto,
             host: req.headers().get(header::HOST),
             host_override: route.config.host_header.as_deref(),

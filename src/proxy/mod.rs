@@ -68,6 +68,8 @@ pub struct ListenerInfo {
     pub proto: &'static str,
     /// Answer everything with a 308 to `https://` on this port (`redirect_https`).
     pub redirect_https: Option<u16>,
+    /// Peers whose X-Forwarded-For names the client (`real_ip_from`).
+    pub real_ip_from: Arc<[ipnet::IpNet]>,
 }
 
 /// The 308 toward `https://host[:port]/path?query` for a request on a plain listener.
@@ -90,7 +92,11 @@ pub fn redirect(head: &RequestHead, port: u16) -> ProxyError {
 /// A request matched to its route, with what both proxy paths need.
 pub struct Matched {
     pub route: Arc<Route>,
+    /// The client: the TCP peer, the PROXY header's source, or (from a `real_ip_from` peer)
+    /// the rightmost untrusted X-Forwarded-For address. Hashing, limits and logs use it.
     pub client_ip: IpAddr,
+    /// The hop the request came from (what X-Forwarded-For gets appended).
+    pub peer_ip: IpAddr,
     /// Path and query as the backend should see them (after `rewrite`).
     pub backend_path: String,
 }
@@ -135,14 +141,39 @@ pub fn match_route(
         Some(query) => format!("{rewritten}?{query}"),
         None => rewritten,
     };
+    // Only a Unix-socket peer has no address; it hashes like loopback.
+    let peer_ip = head
+        .peer_addr
+        .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| a.ip());
     Ok(Matched {
         route: Arc::clone(route),
-        // Only a Unix-socket peer has no address; it hashes like loopback.
-        client_ip: head
-            .peer_addr
-            .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| a.ip()),
+        client_ip: real_client(peer_ip, head.headers(), &listener.real_ip_from),
+        peer_ip,
         backend_path,
     })
+}
+
+/// nginx's realip module with `real_ip_recursive on`: from a trusted peer, walk
+/// X-Forwarded-For from the right and take the first address that is not trusted.
+fn real_client(peer: IpAddr, headers: &header::HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(&ip.to_canonical()));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all(header::HeaderName::from_static("x-forwarded-for"))
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|hop| hop.trim().parse().ok())
+        .collect();
+    let mut client = peer;
+    for hop in hops.into_iter().rev() {
+        client = hop;
+        if !is_trusted(&hop) {
+            break;
+        }
+    }
+    client
 }
 
 /// The handler of every plain HTTP request (WebSocket upgrades are taken over before they

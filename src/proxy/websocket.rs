@@ -147,6 +147,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
         req.headers(),
         &Forwarded {
             client_ip: matched.client_ip,
+            peer_ip: matched.peer_ip,
             proto: ctx.listener.proto,
             host: req.headers().get(header::HOST),
             host_override: route.config.host_header.as_deref(),
