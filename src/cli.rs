@@ -36,6 +36,21 @@ pub enum Command {
         #[arg(short, long, default_value = CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Exit 0 if the gateway's admin listener answers /healthz (a container HEALTHCHECK
+    /// that needs no curl).
+    Health {
+        /// The admin listener.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+    /// Run one built-in echo backend (the demo's), e.g. as a compose service.
+    Echo {
+        #[arg(long, default_value = "0.0.0.0:9000")]
+        listen: SocketAddr,
+        /// The name it answers with.
+        #[arg(long, default_value = "echo")]
+        name: String,
+    },
     /// Start two built-in echo backends and the gateway in front of them, with an
     /// embedded configuration: a working demo with nothing else running.
     Demo {

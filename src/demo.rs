@@ -66,6 +66,11 @@ impl EchoBackend {
     /// `connected to NAME`, then echoes every message (fragments as they come). HTTP: the
     /// demo page.
     pub fn start(name: &str) -> std::io::Result<EchoBackend> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), name)
+    }
+
+    /// Starts on `listen`.
+    pub fn start_on(listen: SocketAddr, name: &str) -> std::io::Result<EchoBackend> {
         let owned = name.to_string();
         let server = HttpServer::new(move || {
             App::new()
@@ -74,7 +79,7 @@ impl EchoBackend {
         })
         .workers(1)
         .disable_signals()
-        .bind(("127.0.0.1", 0))?;
+        .bind(listen)?;
         let addr = server
             .addrs()
             .first()
@@ -149,6 +154,15 @@ pub enum DemoError {
     Config(#[from] crate::config::ConfigError),
     #[error("{0}")]
     Start(#[from] crate::supervisor::StartError),
+}
+
+/// Runs one echo backend on `listen` until SIGINT/SIGTERM.
+pub async fn serve_echo(listen: SocketAddr, name: &str) -> Result<(), DemoError> {
+    let backend = EchoBackend::start_on(listen, name)?;
+    println!("echo backend {name} on {}", backend.addr);
+    crate::stop_signal().await;
+    backend.stop().await;
+    Ok(())
 }
 
 /// Runs the demo until SIGINT/SIGTERM.

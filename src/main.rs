@@ -12,6 +12,25 @@ const EXIT_CONFIG: u8 = 78;
 /// Exit status when the gateway cannot start (for example, a port in use).
 const EXIT_START: u8 = 1;
 
+/// GET /healthz on the admin listener, with a short timeout.
+fn health(admin: std::net::SocketAddr) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: wsgate\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    if &head[9..12] == b"200" {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "answered {}",
+            String::from_utf8_lossy(&head)
+        )))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
@@ -42,6 +61,22 @@ fn main() -> ExitCode {
                 }
             };
             match actix_rt::System::new().block_on(wsgate::run(config, Some(path))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("{err}");
+                    ExitCode::from(EXIT_START)
+                }
+            }
+        }
+        Command::Health { admin } => match health(admin) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("wsgate health: {admin}: {err}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Echo { listen, name } => {
+            match actix_rt::System::new().block_on(demo::serve_echo(listen, &name)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("{err}");

@@ -425,9 +425,12 @@ impl Handler<Shutdown> for Supervisor {
         let registry = Arc::clone(&self.shared.registry);
         let deadline = Instant::now() + self.config.gateway.shutdown_timeout;
         let spread = self.config.gateway.shutdown_spread;
+        let delay = self.config.gateway.shutdown_delay;
         tracing::info!(tunnels = registry.len(), "shutting down");
         Box::pin(
             async move {
+                // Readiness is already false; keep serving while the balancer notices.
+                tokio::time::sleep(delay).await;
                 for handle in &handles {
                     handle.pause().await;
                 }

@@ -70,6 +70,9 @@ pub struct GatewayConfig {
     /// Shutdown's 1001 close frames are spread over this long, so clients do not all
     /// reconnect to the other replicas in the same instant.
     pub shutdown_spread: Duration,
+    /// After readiness turns false, new connections are still served this long, so the
+    /// balancer in front notices before anything is refused (Kubernetes' preStop sleep).
+    pub shutdown_delay: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -417,6 +420,7 @@ impl Validator<'_> {
                 .client_header_timeout
                 .map_or(defaults::CLIENT_HEADER_TIMEOUT, |d| d.0),
             shutdown_spread: raw.gateway.shutdown_spread.map_or(Duration::ZERO, |d| d.0),
+            shutdown_delay: raw.gateway.shutdown_delay.map_or(Duration::ZERO, |d| d.0),
         })
     }
 

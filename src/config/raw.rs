@@ -149,6 +149,7 @@ pub struct RawGateway {
     pub max_connections_per_ip: Option<usize>,
     pub client_header_timeout: Option<HumanDuration>,
     pub shutdown_spread: Option<HumanDuration>,
+    pub shutdown_delay: Option<HumanDuration>,
 }
 
 /// One `[[listener]]`.
