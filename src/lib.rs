@@ -7,11 +7,17 @@
 //! - [`snapshot`]: what request handlers read: routes matched to [`pool`]s.
 //! - [`pool`]: upstream servers, live counters, and balancers (smooth weighted
 //!   round-robin; ketama consistent hashing compatible with nginx).
-//! - [`listener`]: one actix-web server per `[[listener]]`.
+//! - [`listener`]: one server per `[[listener]]`: PROXY protocol, TLS, then HTTP/1.1, with
+//!   WebSocket upgrades taken over raw.
 //! - [`proxy`]: the request path: route, then WebSocket upgrade or plain HTTP forwarding.
-//! - [`tunnel`]: one actor per WebSocket connection relaying frames between its legs.
+//! - [`tunnel`]: one actor per WebSocket connection relaying frames between its legs at the
+//!   byte level (headers parsed, payloads passed through).
 //! - [`watcher`]: the actor that watches the configuration file and asks for reloads.
-//! - [`demo`]: built-in echo backends for `wsgate demo`.
+//! - [`tls`]: TLS termination (SNI, certificate reload) and upstream TLS settings.
+//! - [`limits`]: connection caps per gateway, route and client address.
+//! - [`health`]: active health checks of upstream servers.
+//! - [`metrics`]: every Prometheus metric name; [`admin`]: the admin listener.
+//! - [`demo`]: built-in echo backends for `wsgate demo` and `wsgate echo`.
 //!
 //! # Lexicon
 //! - **client**: who connects to the gateway; **backend**/**server**: where it forwards.
