@@ -4,7 +4,6 @@
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
@@ -65,14 +64,6 @@ pub struct Limits {
     pub total: Arc<Counter<()>>,
     pub per_route: Arc<Counter<String>>,
     pub per_ip: Arc<Counter<IpAddr>>,
-    /// Handshakes refused by a limit, for logs and metrics.
-    pub refused: AtomicUsize,
-}
-
-impl Limits {
-    pub fn note_refused(&self) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// The permits a tunnel holds for its life.

@@ -177,3 +177,24 @@ async fn a_slowloris_client_gets_408_and_a_huge_head_is_refused() {
     );
     assert_eq!(backend.handshakes(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_cap_counts_tunnels_of_every_route() {
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(
+        &format!(
+            "[gateway]\nworkers = 1\nmax_connections = 2\n[[listener]]\nbind = \"127.0.0.1:0\"\n\
+             [[route]]\npath = \"/a/\"\nupstream = \"u\"\n[[route]]\npath = \"/b/\"\nupstream = \"u\"\n\
+             [upstream.u]\nservers = [\"{}\"]\n",
+            backend.addr
+        ),
+        &[],
+    );
+    let a = addr(&gw);
+    let _one = connect(&format!("ws://{a}/a/")).await;
+    let _two = connect(&format!("ws://{a}/b/")).await;
+    let (status, body) = refused_status(&format!("ws://{a}/a/")).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("gateway max_connections"), "{body}");
+    assert_eq!(backend.handshakes(), 2);
+}

@@ -243,24 +243,20 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
 fn permits(shared: &Shared, matched: &super::Matched) -> Result<Permits, ProxyError> {
     let limits = &shared.limits;
     let gateway = &shared.snapshot.load().config.gateway;
-    let refuse = |err| {
-        limits.note_refused();
-        Err(err)
-    };
     let Some(ip) = limits.per_ip.acquire(
         matched.client_ip.to_canonical(),
         gateway.max_connections_per_ip,
     ) else {
-        return refuse(ProxyError::TooManyFromAddress);
+        return Err(ProxyError::TooManyFromAddress);
     };
     let Some(total) = limits.total.acquire((), gateway.max_connections) else {
-        return refuse(ProxyError::Busy("gateway max_connections"));
+        return Err(ProxyError::Busy("gateway max_connections"));
     };
     let Some(route) = limits.per_route.acquire(
         matched.route.label.clone(),
         matched.route.config.max_connections,
     ) else {
-        return refuse(ProxyError::Busy("route max_connections"));
+        return Err(ProxyError::Busy("route max_connections"));
     };
     Ok(Permits {
         _total: total,

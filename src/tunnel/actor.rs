@@ -252,6 +252,10 @@ impl Tunnel {
     /// Writes `pending[to]`; true once it is empty.
     fn flush(&mut self, to: Leg, cx: &mut TaskContext<'_>) -> bool {
         let i = to as usize;
+        if self.pending[i].is_empty() {
+            // Nothing waits: no flush, no buffer to release.
+            return true;
+        }
         while !self.pending[i].is_empty() {
             match Pin::new(&mut self.io[i]).poll_write(cx, &self.pending[i]) {
                 Poll::Ready(Ok(n)) if n > 0 => {
@@ -274,7 +278,7 @@ impl Tunnel {
     fn write_or_queue(&mut self, to: Leg, out: &[u8], cx: &mut TaskContext<'_>) {
         let i = to as usize;
         let mut written = 0;
-        if self.pending[i].is_empty() && !self.eof_write(to) {
+        if self.pending[i].is_empty() && !self.dead[to as usize] {
             while written < out.len() {
                 match Pin::new(&mut self.io[i]).poll_write(cx, &out[written..]) {
                     Poll::Ready(Ok(n)) if n > 0 => written += n,
@@ -291,11 +295,6 @@ impl Tunnel {
             }
         }
         self.pending[i].extend_from_slice(&out[written..]);
-    }
-
-    /// A leg whose writes fail can take nothing more.
-    fn eof_write(&self, leg: Leg) -> bool {
-        self.dead[leg as usize]
     }
 
     fn leg_gone(&mut self, leg: Leg) {
@@ -448,7 +447,7 @@ impl Tunnel {
     /// a client must).
     fn inject_frame(&mut self, leg: Leg, opcode: u8, payload: &[u8]) {
         let i = leg as usize;
-        if self.close_sent[i] || self.eof_write(leg) {
+        if self.close_sent[i] || self.dead[leg as usize] {
             return;
         }
         if opcode == OP_CLOSE {
