@@ -1,18 +1,19 @@
-//! Traffic listeners: one actix-web server per `[[listener]]`, so each can be added,
-//! paused or stopped on its own when the configuration changes.
+//! Traffic listeners and the worker threads that serve them. Every worker accepts on every
+//! listener's socket itself and serves the connections it accepted, so a connection is
+//! handled by the thread that woke for it: no hand-off from an accept thread (measured: that
+//! hand-off was a wake-up and a context switch per connection, see BENCHMARKS.md).
 
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::rc::Rc;
-
 use actix_http::{HttpService, error::DispatchError};
-use actix_server::ServerHandle;
-use actix_service::{ServiceFactory, ServiceFactoryExt, fn_factory, fn_service, map_config};
+use actix_service::{Service, ServiceFactory, fn_factory, fn_service, map_config};
 use actix_web::dev::AppConfig;
 use actix_web::{App, web};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::config::ListenerConfig;
 use crate::proxy::websocket::{self, UpgradeContext};
@@ -20,21 +21,84 @@ use crate::proxy::{self, ListenerInfo, Shared, UpstreamClients};
 use crate::tls::{self, CertResolver};
 use crate::tunnel::Io;
 
-/// Connections one worker accepts at most. actix's default (25,000) would cap a 2-worker
-/// gateway at 50,000 sockets; tunnels are capped by the open-file limit instead.
-const MAX_CONNECTIONS_PER_WORKER: usize = 1 << 20;
+/// Connections the kernel queues for a listener before the workers accept them (capped by
+/// `net.core.somaxconn`): a burst of clients reconnecting at once must not be refused.
+const LISTEN_BACKLOG: i32 = 4096;
 
-/// How long a retired listener's workers wait for its tunnels (a year: until they close).
-const RETIRED_LISTENER_GRACE_SECS: u64 = 365 * 24 * 3600;
+/// After an accept error other than a connection that died in the queue (typically out of
+/// file descriptors), wait this long before trying again instead of spinning.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// The worker threads (actix arbiters) that accept and serve connections; tunnels live on
+/// the worker that accepted them. Stopped and joined when dropped.
+pub struct Workers {
+    arbiters: Vec<actix_rt::Arbiter>,
+}
+
+impl Workers {
+    /// Starts `n` workers. Call inside an actix system.
+    pub fn start(n: usize) -> Workers {
+        Workers {
+            arbiters: (0..n.max(1)).map(|_| actix_rt::Arbiter::new()).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.arbiters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.arbiters.is_empty()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+        for arbiter in self.arbiters.drain(..) {
+            let _ = arbiter.join();
+        }
+    }
+}
+
+/// Whether a listener's workers accept connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accepting {
+    Yes,
+    /// New connections wait in the kernel's queue (shutting down: balancers stop sending).
+    Paused,
+    /// The socket is closed; connections already accepted carry on.
+    Closed,
+}
 
 /// A bound, running listener.
 pub struct RunningListener {
     pub config: ListenerConfig,
     /// The address actually bound (port 0 in the file becomes the OS's choice).
     pub local_addr: SocketAddr,
-    pub handle: ServerHandle,
     /// A TLS listener's certificates, reloadable in place.
     pub tls: Option<Arc<CertResolver>>,
+    accepting: watch::Sender<Accepting>,
+}
+
+impl RunningListener {
+    /// Stops accepting; the socket stays open so clients queue instead of being refused.
+    pub fn pause(&self) {
+        self.accepting.send_replace(Accepting::Paused);
+    }
+
+    /// Closes the socket; tunnels and requests already accepted carry on.
+    pub fn close(&self) {
+        self.accepting.send_replace(Accepting::Closed);
+    }
+}
+
+impl Drop for RunningListener {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,14 +117,26 @@ pub struct BoundSocket {
     pub local_addr: SocketAddr,
 }
 
-/// Binds the listener's address.
+/// Binds and listens on the listener's address (`SO_REUSEADDR`, so a restart does not wait
+/// for the old process's connections in TIME_WAIT; a deep backlog).
 pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, BindError> {
+    use socket2::{Domain, Socket, Type};
     let bind_error = |source| BindError {
         name: config.name.clone(),
         bind: config.bind,
         source,
     };
-    let socket = std::net::TcpListener::bind(config.bind).map_err(bind_error)?;
+    let socket = Socket::new(
+        Domain::for_address(config.bind),
+        Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(bind_error)?;
+    socket.set_reuse_address(true).map_err(bind_error)?;
+    socket.set_nonblocking(true).map_err(bind_error)?;
+    socket.bind(&config.bind.into()).map_err(bind_error)?;
+    socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
+    let socket = std::net::TcpListener::from(socket);
     let local_addr = socket.local_addr().map_err(bind_error)?;
     Ok(BoundSocket {
         config: config.clone(),
@@ -69,15 +145,15 @@ pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, BindError> {
     })
 }
 
-/// Starts serving a bound socket on `workers` worker threads of its own; a TLS listener
-/// terminates TLS with the certificates `tls` resolves.
+/// Starts serving a bound socket on every worker; a TLS listener terminates TLS with the
+/// certificates `tls` resolves.
 ///
 /// Built from actix-http directly rather than actix-web's `HttpServer` for one reason:
 /// its upgrade hook hands a WebSocket request over with the raw connection, so the tunnel
 /// relays bytes itself instead of going through a message channel per frame.
 pub fn serve(
     bound: BoundSocket,
-    workers: usize,
+    workers: &Workers,
     shared: web::Data<Shared>,
     upstream_tls: Arc<rustls::ClientConfig>,
     tls: Option<Arc<CertResolver>>,
@@ -94,14 +170,6 @@ pub fn serve(
         redirect_https: config.redirect_https,
         real_ip_from: Arc::from(config.real_ip_from.as_slice()),
     };
-    let builder = actix_server::Server::build()
-        .workers(workers)
-        .disable_signals()
-        .max_concurrent_connections(MAX_CONNECTIONS_PER_WORKER)
-        // A listener removed by a reload stops accepting but its tunnels live on until they
-        // close; the supervisor ends them itself at shutdown.
-        .shutdown_timeout(RETIRED_LISTENER_GRACE_SECS);
-    let name = config.name.clone();
     let acceptor = match (&config.tls, tls.clone()) {
         (Some(tls_config), Some(resolver)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
             tls::server_config(tls_config, resolver),
@@ -114,34 +182,120 @@ pub fn serve(
         trusted_proxies: config.trusted_proxies.clone(),
         shared: shared.clone(),
     });
-    let server = builder
-        .listen(name, socket, move || {
-            let front = Arc::clone(&front);
-            fn_service(move |io: TcpStream| {
-                let front = Arc::clone(&front);
-                async move { front.accept(io).await }
-            })
-            .and_then(http_service::<Box<dyn Io>>(
-                client_header_timeout,
-                &shared,
-                &info,
-                &upstream_tls,
-            ))
-        })
-        .map_err(|source| BindError {
+    let (accepting, state) = watch::channel(Accepting::Yes);
+    for arbiter in &workers.arbiters {
+        // Every worker waits on the same socket; the kernel gives each connection to one.
+        let socket = socket.try_clone().map_err(|source| BindError {
             name: config.name.clone(),
             bind: config.bind,
             source,
-        })?
-        .run();
-    let handle = server.handle();
-    actix_rt::spawn(server);
+        })?;
+        let worker = Worker {
+            socket,
+            state: state.clone(),
+            front: Arc::clone(&front),
+            shared: shared.clone(),
+            info: info.clone(),
+            upstream_tls: Arc::clone(&upstream_tls),
+            client_header_timeout,
+        };
+        arbiter.spawn_fn(move || {
+            actix_rt::spawn(worker.run());
+        });
+    }
     Ok(RunningListener {
         config,
         local_addr,
-        handle,
         tls,
+        accepting,
     })
+}
+
+/// One worker's share of a listener: its accept loop.
+struct Worker {
+    socket: std::net::TcpListener,
+    state: watch::Receiver<Accepting>,
+    front: Arc<Front>,
+    shared: web::Data<Shared>,
+    info: ListenerInfo,
+    upstream_tls: Arc<rustls::ClientConfig>,
+    client_header_timeout: Duration,
+}
+
+impl Worker {
+    /// Accepts until the listener is closed; each connection is served by a task of its own
+    /// on this worker.
+    async fn run(mut self) {
+        let name = Arc::clone(&self.info.name);
+        let listener = match tokio::net::TcpListener::from_std(self.socket) {
+            Ok(listener) => listener,
+            Err(err) => {
+                tracing::error!(listener = %name, "cannot serve the socket: {err}");
+                return;
+            }
+        };
+        let service = match http_service::<Box<dyn Io>>(
+            self.client_header_timeout,
+            &self.shared,
+            &self.info,
+            &self.upstream_tls,
+        )
+        .new_service(())
+        .await
+        {
+            Ok(service) => Rc::new(service),
+            Err(()) => {
+                tracing::error!(listener = %name, "cannot build the HTTP service");
+                return;
+            }
+        };
+        loop {
+            let accepting = *self.state.borrow_and_update();
+            match accepting {
+                Accepting::Closed => return,
+                Accepting::Paused => {
+                    if self.state.changed().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Accepting::Yes => {}
+            }
+            tokio::select! {
+                biased;
+                changed = self.state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((io, _)) => {
+                        let front = Arc::clone(&self.front);
+                        let service = Rc::clone(&service);
+                        actix_rt::spawn(async move {
+                            if let Ok(accepted) = front.accept(io).await {
+                                let _ = service.call(accepted).await;
+                            }
+                        });
+                    }
+                    Err(err) if is_connection_error(&err) => {}
+                    Err(err) => {
+                        tracing::warn!(listener = %name, "accept failed: {err}; pausing {ACCEPT_ERROR_PAUSE:?}");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Errors of one queued connection (it died before it was accepted), not of the listener.
+fn is_connection_error(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        err.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 /// A TLS client has this long to finish its handshake.

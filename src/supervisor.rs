@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::diff::{self, Change};
 use crate::config::{self, Config, ListenerConfig};
-use crate::listener::{self, BindError, RunningListener};
+use crate::listener::{self, BindError, RunningListener, Workers};
 use crate::proxy::Shared;
 use crate::proxy::upstream_client;
 use crate::snapshot::Snapshot;
@@ -32,8 +32,9 @@ pub struct Supervisor {
     path: Option<PathBuf>,
     shared: web::Data<Shared>,
     listeners: Vec<RunningListener>,
-    /// Listeners a reload removed: not accepting, serving their last tunnels.
-    retired: Vec<RunningListener>,
+    /// The threads that accept and serve every listener's connections; `None` once shut
+    /// down. Their number is fixed at start (`[gateway] workers`).
+    workers: Option<Workers>,
     upstream_tls: Arc<rustls::ClientConfig>,
     watcher: Option<actix::Addr<FileWatcher>>,
     admin: Option<actix_web::dev::ServerHandle>,
@@ -134,11 +135,12 @@ impl Supervisor {
         for l in &config.listeners {
             bound.push((listener::bind(l)?, certificates(l)?));
         }
+        let workers = Workers::start(config.gateway.workers);
         let mut listeners = Vec::with_capacity(bound.len());
         for (socket, tls) in bound {
             let running = listener::serve(
                 socket,
-                config.gateway.workers,
+                &workers,
                 shared.clone(),
                 Arc::clone(&upstream_tls),
                 tls,
@@ -189,7 +191,7 @@ impl Supervisor {
             path,
             shared: shared.clone(),
             listeners,
-            retired: Vec::new(),
+            workers: Some(workers),
             upstream_tls,
             watcher,
         };
@@ -312,11 +314,21 @@ impl Supervisor {
                 self.retire_if(|old| old.config.name == *name);
             }
         }
+        let Some(workers) = &self.workers else {
+            return Ok(());
+        };
+        if new.gateway.workers != workers.len() {
+            tracing::warn!(
+                running = workers.len(),
+                configured = new.gateway.workers,
+                "[gateway] workers changes at the next restart"
+            );
+        }
         for (socket, tls) in bound {
-            // The socket is bound; serving it only fails if the OS refuses to listen.
+            // The socket is bound; serving it only fails if it cannot be shared with a worker.
             let running = listener::serve(
                 socket,
-                new.gateway.workers,
+                workers,
                 self.shared.clone(),
                 Arc::clone(&self.upstream_tls),
                 tls,
@@ -328,15 +340,13 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Stops accepting on the listeners that match; their live tunnels carry on.
+    /// Closes the listeners that match; their live tunnels and requests carry on.
     fn retire_if(&mut self, matches: impl Fn(&RunningListener) -> bool) {
         let (gone, kept): (Vec<_>, Vec<_>) = self.listeners.drain(..).partition(|l| matches(l));
         self.listeners = kept;
         for l in gone {
             tracing::info!(listener = %l.config.name, addr = %l.local_addr, "listener retired");
-            // Graceful stop: the socket closes now, the workers finish their connections.
-            drop(l.handle.stop(true));
-            self.retired.push(l);
+            l.close();
         }
     }
 
@@ -416,12 +426,8 @@ impl Handler<Shutdown> for Supervisor {
         self.watcher = None;
         self.shared.shutting_down.store(true, Ordering::Relaxed);
         let admin = self.admin.take();
-        let handles: Vec<_> = self
-            .listeners
-            .iter()
-            .chain(self.retired.iter())
-            .map(|l| l.handle.clone())
-            .collect();
+        let listeners = std::mem::take(&mut self.listeners);
+        let workers = self.workers.take();
         let registry = Arc::clone(&self.shared.registry);
         let deadline = Instant::now() + self.config.gateway.shutdown_timeout;
         let spread = self.config.gateway.shutdown_spread;
@@ -431,8 +437,8 @@ impl Handler<Shutdown> for Supervisor {
             async move {
                 // Readiness is already false; keep serving while the balancer notices.
                 tokio::time::sleep(delay).await;
-                for handle in &handles {
-                    handle.pause().await;
+                for listener in &listeners {
+                    listener.pause();
                 }
                 registry.end_all(Ending::Shutdown, spread);
                 while !registry.is_empty() && Instant::now() < deadline {
@@ -444,9 +450,9 @@ impl Handler<Shutdown> for Supervisor {
                         "shutdown_timeout passed with tunnels still open"
                     );
                 }
-                for handle in handles {
-                    handle.stop(false).await;
-                }
+                drop(listeners);
+                // Stops the worker threads (whatever they still serve is cut) and joins them.
+                drop(workers);
                 if let Some(admin) = admin {
                     admin.stop(false).await;
                 }

@@ -9,6 +9,8 @@ use actix_web::{HttpResponse, ResponseError};
 pub enum ProxyError {
     #[error("no route matches host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
+    #[error("the request head is larger than {} bytes", super::MAX_HEAD_BYTES)]
+    HeadTooLarge,
     #[error("bad WebSocket upgrade request: {0}")]
     BadUpgrade(&'static str),
     #[error("unsupported WebSocket version: this gateway speaks version 13")]
@@ -36,7 +38,9 @@ impl ProxyError {
     pub fn result_label(&self) -> &'static str {
         match self {
             ProxyError::NoRoute { .. } => "no_route",
-            ProxyError::BadUpgrade(_) | ProxyError::UnsupportedVersion => "bad_request",
+            ProxyError::BadUpgrade(_)
+            | ProxyError::UnsupportedVersion
+            | ProxyError::HeadTooLarge => "bad_request",
             ProxyError::Unavailable { .. } | ProxyError::NoHealthyServer(_) => {
                 "upstream_unavailable"
             }
@@ -75,6 +79,7 @@ impl ResponseError for ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadUpgrade(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
             ProxyError::Unavailable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -89,6 +94,10 @@ impl ResponseError for ProxyError {
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
         response.content_type("text/plain; charset=utf-8");
+        if let ProxyError::HeadTooLarge = self {
+            // The rest of an oversized head may still be on its way: end the connection.
+            response.force_close();
+        }
         if let ProxyError::Redirect(location) = self {
             response.insert_header((header::LOCATION, location.as_str()));
         }

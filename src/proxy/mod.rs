@@ -60,6 +60,21 @@ impl Shared {
     }
 }
 
+/// The largest request head forwarded. actix-http stops reading a head at this size too,
+/// but a head that arrives in one read can get past it, so the proxy checks again.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+
+/// The request head's size as it came on the wire, near enough (line and headers).
+fn head_size(head: &RequestHead) -> usize {
+    let target = head.uri.path().len() + head.uri.query().map_or(0, |q| q.len() + 1);
+    let line = head.method.as_str().len() + target + 12;
+    line + head
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+}
+
 /// Which listener accepted the request.
 #[derive(Debug, Clone)]
 pub struct ListenerInfo {
@@ -124,6 +139,9 @@ pub fn match_route(
     listener: &ListenerInfo,
     head: &RequestHead,
 ) -> Result<Matched, ProxyError> {
+    if head_size(head) > MAX_HEAD_BYTES {
+        return Err(ProxyError::HeadTooLarge);
+    }
     let snapshot = shared.snapshot.load();
     let path = head.uri.path();
     let host = request_host(head);

@@ -83,7 +83,7 @@ pub async fn serve_upgrade<T: Io>(
                 .metrics
                 .handshake_seconds
                 .observe(started.elapsed().as_secs_f64());
-            let gone = Tunnel::start(
+            Tunnel::start(
                 LegIo {
                     io: Box::new(client),
                     early: read_buf.freeze(),
@@ -91,8 +91,6 @@ pub async fn serve_upgrade<T: Io>(
                 accepted.backend,
                 accepted.params,
             );
-            // The connection stays open in the server's eyes until the tunnel ends.
-            let _ = gone.await;
         }
         Err(err) => {
             metrics::handshake(&ctx.shared.metrics, err.result_label());

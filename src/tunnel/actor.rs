@@ -119,8 +119,6 @@ pub struct Tunnel {
     route: String,
     ending: Option<Ending>,
     early: [bytes::Bytes; 2],
-    /// Told when the tunnel is gone (dropping it is the message).
-    _done: tokio::sync::oneshot::Sender<()>,
     _permits: Permits,
     buffered: Arc<AtomicUsize>,
     /// What this tunnel last added to `buffered`.
@@ -140,16 +138,11 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Spawns the tunnel on the current worker. The returned receiver completes when the
-    /// tunnel is gone: the connection's service waits on it, so the server counts the
-    /// connection as open (limits, graceful stop) for the tunnel's whole life.
-    pub fn start(
-        client: LegIo,
-        backend: LegIo,
-        params: TunnelParams,
-    ) -> tokio::sync::oneshot::Receiver<()> {
+    /// Spawns the tunnel on the current worker, which owns it from then on: the HTTP
+    /// connection that carried the upgrade is done (limits and shutdown go through the
+    /// tunnel's permits and the registry).
+    pub fn start(client: LegIo, backend: LegIo, params: TunnelParams) {
         let s = params.settings;
-        let (done, gone) = tokio::sync::oneshot::channel();
         // An empty `Bytes` frozen from a handshake's read buffer still pins that buffer's
         // whole capacity (8 KiB per leg): keep the bytes only if there are any.
         let early = |b: bytes::Bytes| if b.is_empty() { bytes::Bytes::new() } else { b };
@@ -185,7 +178,6 @@ impl Tunnel {
             route: params.route,
             ending: None,
             early: [early(client.early), early(backend.early)],
-            _done: done,
             _permits: params.permits,
             buffered: params.buffered,
             accounted: 0,
@@ -200,7 +192,6 @@ impl Tunnel {
             first_close: None,
         }
         .start();
-        gone
     }
 
     /// Processes bytes read from `from` and queues what they become for the other leg.
