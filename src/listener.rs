@@ -390,7 +390,7 @@ fn http_service<T: Io>(
     let upgrade = Rc::new(UpgradeContext {
         shared: shared.clone(),
         listener: info.clone(),
-        clients: clients.clone(),
+        upstream_tls: Arc::clone(upstream_tls),
     });
     let app = App::new()
         .app_data(shared.clone())

@@ -114,12 +114,40 @@ pub fn to_backend(incoming: &HeaderMap, fwd: &Forwarded<'_>) -> HeaderMap {
 
 /// Copies a backend response's end-to-end headers into `out` (the client's response).
 pub fn to_client(backend: &HeaderMap, out: &mut HeaderMap) {
-    for (name, value) in backend.iter() {
-        if is_hop_by_hop(backend, name) || WEBSOCKET_PER_LEG.contains(name) {
-            continue;
+    let pairs: Vec<_> = backend
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    for (name, value) in end_to_end(pairs.iter().copied()) {
+        // Both came from a valid header map, so they parse again.
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            out.append(name, value);
         }
-        out.append(name.clone(), value.clone());
     }
+}
+
+/// The end-to-end headers of a backend's answer given as raw `(name, value)` pairs, for
+/// a head parsed without building a header map (and, through [`to_client`], for one with).
+pub fn end_to_end<'a>(
+    pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
+) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+    let listed = pairs.clone();
+    pairs.filter(move |(name, _)| {
+        let stopped = HOP_BY_HOP
+            .iter()
+            .chain(&WEBSOCKET_PER_LEG)
+            .chain([&KEEP_ALIVE, &PROXY_CONNECTION])
+            .any(|h| h.as_str().eq_ignore_ascii_case(name));
+        let named = listed
+            .clone()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+            .flat_map(|(_, v)| v.split(|&b| b == b','))
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(name.as_bytes()));
+        !stopped && !named
+    })
 }
 
 #[cfg(test)]

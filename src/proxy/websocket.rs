@@ -2,8 +2,14 @@
 //! raw connection; this module checks the upgrade, dials the route's servers in balancer
 //! order until one accepts, answers the client with the backend's choices, and gives both
 //! raw connections to a new [`Tunnel`].
+//!
+//! The backend leg is dialled here rather than with awc: the upgrade is one request and
+//! one response head, and awc's general client (pool, codec, date service, boxed
+//! connection layers) cost more CPU per handshake than everything else in the gateway
+//! (measured with callgrind, see BENCHMARKS.md). The client's `Sec-WebSocket-Key` goes to
+//! the backend as it is, so the backend's `Sec-WebSocket-Accept` is checked against the
+//! very value the client expects.
 
-use std::fmt::Write as _;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,15 +17,15 @@ use std::time::Duration;
 use actix_codec::Framed;
 use actix_http::h1;
 use actix_http::header::{self, HeaderMap};
-use actix_http::ws::Codec;
 use actix_http::{HttpMessage, Request, StatusCode};
 use actix_web::ResponseError;
 use actix_web::web;
-use awc::error::{ConnectError, SendRequestError, WsClientError};
-use tokio::io::AsyncWriteExt as _;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
 use super::headers::{self, Forwarded};
-use super::{ListenerInfo, ProxyError, Shared, UpstreamClients, authority, match_route};
+use super::{ListenerInfo, MAX_HEAD_BYTES, ProxyError, Shared, authority, match_route};
 use crate::config::TunnelSettings;
 use crate::limits::Permits;
 use crate::metrics;
@@ -34,7 +40,8 @@ const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct UpgradeContext {
     pub shared: web::Data<Shared>,
     pub listener: ListenerInfo,
-    pub clients: web::Data<UpstreamClients>,
+    /// TLS settings for `wss://` servers of upstreams without their own (`ca`, ...).
+    pub upstream_tls: Arc<rustls::ClientConfig>,
 }
 
 /// Why one server could not take the tunnel.
@@ -119,10 +126,10 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
     let key = req
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| actix_http::ws::hash_key(k.as_bytes()))
         .ok_or(ProxyError::BadUpgrade(
             "the Sec-WebSocket-Key header is missing",
         ))?;
+    let accept_key = actix_http::ws::hash_key(key.as_bytes());
     let route = &matched.route;
     let settings = route.config.settings;
     if !route.config.allowed_origins.is_empty() {
@@ -151,9 +158,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
             host_override: route.config.host_header.as_deref(),
         },
     );
-    let client = ctx
-        .clients
-        .get(settings.connect_timeout, route.pool.tls.as_ref());
+    let tls = route.pool.tls.as_ref().unwrap_or(&ctx.upstream_tls);
     let mut last_error = None;
     let candidates = route.pool.candidates(matched.client_ip);
     if candidates.is_empty() {
@@ -161,44 +166,19 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
     }
     let upstream_config = &route.pool.config;
     for server in candidates {
-        match dial(
-            &client,
-            &server,
+        let request = upgrade_request(
             &matched.backend_path,
             &to_backend,
-            &settings,
-        )
-        .await
-        {
-            Ok((backend_response, framed)) => {
+            key.as_bytes(),
+            &server.config.host,
+            server.config.port,
+        );
+        match dial(&server, tls, &request, &accept_key, &settings).await {
+            Ok(answer) => {
                 server.record_success();
-                let mut response = String::from(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
-                );
-                let _ = write!(
-                    response,
-                    "Sec-WebSocket-Accept: {}\r\n",
-                    String::from_utf8_lossy(&key)
-                );
-                // The backend's subprotocol choice, cookies and other end-to-end headers
-                // reach the client; the per-leg WebSocket headers do not.
-                let mut forwarded = HeaderMap::new();
-                headers::to_client(backend_response.headers(), &mut forwarded);
-                let mut response = response.into_bytes();
-                for (name, value) in forwarded.iter() {
-                    response.extend_from_slice(name.as_str().as_bytes());
-                    response.extend_from_slice(b": ");
-                    response.extend_from_slice(value.as_bytes());
-                    response.extend_from_slice(b"\r\n");
-                }
-                response.extend_from_slice(b"\r\n");
-                let actix_codec::FramedParts { io, read_buf, .. } = framed.into_parts();
                 return Ok(Accepted {
-                    response,
-                    backend: LegIo {
-                        io: Box::new(io),
-                        early: read_buf.freeze(),
-                    },
+                    response: answer.client_response,
+                    backend: answer.leg,
                     params: TunnelParams {
                         settings,
                         permits,
@@ -263,39 +243,167 @@ fn permits(shared: &Shared, matched: &super::Matched) -> Result<Permits, ProxyEr
     })
 }
 
-type BackendFramed = Framed<awc::BoxedSocket, Codec>;
-
-async fn dial(
-    client: &awc::Client,
-    server: &Server,
-    path: &str,
-    headers: &HeaderMap,
-    settings: &TunnelSettings,
-) -> Result<(awc::ClientResponse, BackendFramed), DialError> {
-    let scheme = if server.config.tls { "wss" } else { "ws" };
-    let url = format!(
-        "{scheme}://{}{path}",
-        authority(&server.config.host, server.config.port)
-    );
-    let mut request = client.ws(url);
-    for (name, value) in headers.iter() {
-        request = request.header(name.clone(), value.clone());
+/// The upgrade request for one server: the client's request line and end-to-end headers
+/// (as [`headers::to_backend`] made them), then the upgrade headers with the client's key.
+fn upgrade_request(path: &str, headers: &HeaderMap, key: &[u8], host: &str, port: u16) -> Vec<u8> {
+    let mut request = Vec::with_capacity(512);
+    request.extend_from_slice(b"GET ");
+    request.extend_from_slice(path.as_bytes());
+    request.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(header::HOST) {
+        request.extend_from_slice(format!("host: {}\r\n", authority(host, port)).as_bytes());
     }
-    match tokio::time::timeout(settings.handshake_timeout, request.connect()).await {
+    for (name, value) in headers.iter() {
+        request.extend_from_slice(name.as_str().as_bytes());
+        request.extend_from_slice(b": ");
+        request.extend_from_slice(value.as_bytes());
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(
+        b"connection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: ",
+    );
+    request.extend_from_slice(key);
+    request.extend_from_slice(b"\r\n\r\n");
+    request
+}
+
+/// A backend that accepted the upgrade.
+struct BackendAnswer {
+    /// The 101 for the client, with the backend's end-to-end headers.
+    client_response: Vec<u8>,
+    leg: LegIo,
+}
+
+/// Connects to `server` (TCP within `connect_timeout`, then TLS for a TLS server), sends
+/// the upgrade request and reads the answer (within `handshake_timeout`).
+async fn dial(
+    server: &Server,
+    tls: &Arc<rustls::ClientConfig>,
+    request: &[u8],
+    accept_key: &[u8],
+    settings: &TunnelSettings,
+) -> Result<BackendAnswer, DialError> {
+    let address = (server.config.host.as_str(), server.config.port);
+    let tcp =
+        match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(address)).await {
+            Err(_) => {
+                return Err(DialError::Timeout(format!(
+                    "no TCP connection within connect_timeout ({:?})",
+                    settings.connect_timeout
+                )));
+            }
+            Ok(Err(err)) => return Err(DialError::Failed(format!("connect: {err}"))),
+            Ok(Ok(tcp)) => tcp,
+        };
+    // Relayed small frames must not wait for a delayed ACK.
+    let _ = tcp.set_nodelay(true);
+    let exchange = async {
+        let mut io: Box<dyn Io> = if server.config.tls {
+            let name = rustls_pki_types::ServerName::try_from(server.config.host.clone())
+                .map_err(|err| DialError::Failed(format!("TLS server name: {err}")))?;
+            let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
+                .connect(name, tcp)
+                .await
+                .map_err(|err| DialError::Failed(format!("TLS: {err}")))?;
+            Box::new(stream)
+        } else {
+            Box::new(tcp)
+        };
+        io.write_all(request)
+            .await
+            .map_err(|err| DialError::Failed(format!("sending the upgrade: {err}")))?;
+        let mut buf = BytesMut::with_capacity(1024);
+        loop {
+            if let Some(answer) = read_answer(&mut buf, accept_key)? {
+                let early = buf.split_off(answer.head_len).freeze();
+                return Ok(BackendAnswer {
+                    client_response: answer.client_response,
+                    leg: LegIo { io, early },
+                });
+            }
+            if buf.len() >= MAX_HEAD_BYTES {
+                return Err(DialError::Failed(format!(
+                    "the answer's head is larger than {MAX_HEAD_BYTES} bytes"
+                )));
+            }
+            buf.reserve(1024);
+            let n = io
+                .read_buf(&mut buf)
+                .await
+                .map_err(|err| DialError::Failed(format!("reading the answer: {err}")))?;
+            if n == 0 {
+                return Err(DialError::Failed(
+                    "the backend closed the connection before answering the upgrade".into(),
+                ));
+            }
+        }
+    };
+    match tokio::time::timeout(settings.handshake_timeout, exchange).await {
         Err(_) => Err(DialError::Timeout(format!(
             "no upgrade answer within handshake_timeout ({:?})",
             settings.handshake_timeout
         ))),
-        Ok(Ok(connected)) => Ok(connected),
-        Ok(Err(WsClientError::InvalidResponseStatus(status))) => Err(DialError::Refused(status)),
-        Ok(Err(WsClientError::SendRequest(SendRequestError::Connect(ConnectError::Timeout)))) => {
-            Err(DialError::Timeout(format!(
-                "no TCP connection within connect_timeout ({:?})",
-                settings.connect_timeout
-            )))
-        }
-        Ok(Err(err)) => Err(DialError::Failed(err.to_string())),
+        Ok(result) => result,
     }
+}
+
+/// A complete 101 answer: how long its head is and the client's response made from it.
+struct ParsedAnswer {
+    head_len: usize,
+    client_response: Vec<u8>,
+}
+
+/// Parses the backend's answer once its head is complete (`None` until then).
+fn read_answer(buf: &[u8], accept_key: &[u8]) -> Result<Option<ParsedAnswer>, DialError> {
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut answer = httparse::Response::new(&mut slots);
+    let head_len = match answer.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(err) => return Err(DialError::Failed(format!("malformed answer: {err}"))),
+    };
+    let code = answer.code.unwrap_or(0);
+    if code != 101 {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+        return Err(DialError::Refused(status));
+    }
+    let value = |name: &str| {
+        answer
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    if !value("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket")) {
+        return Err(DialError::Failed(
+            "101 without \"Upgrade: websocket\"".into(),
+        ));
+    }
+    if value("sec-websocket-accept").map(<[u8]>::trim_ascii) != Some(accept_key) {
+        return Err(DialError::Failed(
+            "the Sec-WebSocket-Accept of the answer does not match the key".into(),
+        ));
+    }
+    let mut response = Vec::with_capacity(256);
+    response.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
+    response.extend_from_slice(accept_key);
+    response.extend_from_slice(b"\r\n");
+    // The backend's subprotocol choice, cookies and other end-to-end headers reach the
+    // client; the per-leg WebSocket headers do not.
+    let pairs = answer.headers.iter().map(|h| (h.name, h.value));
+    for (name, value) in headers::end_to_end(pairs) {
+        response.extend_from_slice(name.as_bytes());
+        response.extend_from_slice(b": ");
+        response.extend_from_slice(value);
+        response.extend_from_slice(b"\r\n");
+    }
+    response.extend_from_slice(b"\r\n");
+    Ok(Some(ParsedAnswer {
+        head_len,
+        client_response: response,
+    }))
 }
 
 /// The whole HTTP response that refuses an upgrade, connection closing after it.
