@@ -314,7 +314,7 @@ async fn dial(
             .map_err(|err| DialError::Failed(format!("sending the upgrade: {err}")))?;
         let mut buf = BytesMut::with_capacity(1024);
         loop {
-            if let Some(answer) = read_answer(&mut buf, accept_key)? {
+            if let Some(answer) = read_answer(&buf, accept_key)? {
                 let early = buf.split_off(answer.head_len).freeze();
                 return Ok(BackendAnswer {
                     client_response: answer.client_response,
