@@ -35,9 +35,32 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
+/// Every `result` label a handshake can have (resolved to counters once: a handshake
+/// then costs no label allocation or hash lookup).
+const HANDSHAKE_RESULTS: [&str; 10] = [
+    "ok",
+    "client_gone",
+    "no_route",
+    "bad_request",
+    "upstream_unavailable",
+    "timeout",
+    "upstream_refused",
+    "redirected",
+    "limited",
+    "forbidden_origin",
+];
+
+/// Sides a close frame can come from, and the codes counted without a lookup (1000–1015).
+const CLOSE_SIDES: [&str; 3] = ["client", "backend", "gateway"];
+const COMMON_CLOSE_CODES: std::ops::RangeInclusive<u16> = 1000..=1015;
+
 /// The gateway's metrics.
 pub struct Metrics {
     registry: Registry,
+    handshake_counters: [Counter; HANDSHAKE_RESULTS.len()],
+    relay: [(Counter, Counter); 2],
+    /// `[side][code - 1000]`, and `[side][16]` for a close frame without a code.
+    common_closes: [[Counter; 17]; CLOSE_SIDES.len()],
     handshakes: Family<Labels, Counter>,
     pub handshake_seconds: Histogram,
     messages: Family<Labels, Counter>,
@@ -62,6 +85,9 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
+            handshake_counters: Default::default(),
+            relay: Default::default(),
+            common_closes: Default::default(),
             handshakes: Family::default(),
             // 0.5 ms to ~8 s.
             handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
@@ -129,33 +155,65 @@ impl Default for Metrics {
             "1 if the server is in rotation (health checks)",
             m.server_up.clone(),
         );
-        Metrics { registry, ..m }
+        let handshake_counters =
+            HANDSHAKE_RESULTS.map(|r| m.handshakes.get_or_create_owned(&labels(&[("result", r)])));
+        let pair = |direction: &str| {
+            let l = labels(&[("direction", direction)]);
+            (
+                m.messages.get_or_create_owned(&l),
+                m.bytes.get_or_create_owned(&l),
+            )
+        };
+        let relay = [pair("client_to_backend"), pair("backend_to_client")];
+        let common_closes = CLOSE_SIDES.map(|side| {
+            std::array::from_fn(|i| {
+                let code = match COMMON_CLOSE_CODES.clone().nth(i) {
+                    Some(code) => code.to_string(),
+                    None => "none".to_string(),
+                };
+                m.closes
+                    .get_or_create_owned(&labels(&[("side", side), ("code", &code)]))
+            })
+        });
+        Metrics {
+            registry,
+            handshake_counters,
+            relay,
+            common_closes,
+            ..m
+        }
     }
 }
 
 /// A handshake's outcome, as the `result` label.
 pub fn handshake(metrics: &Metrics, result: &str) {
-    metrics
-        .handshakes
-        .get_or_create(&labels(&[("result", result)]))
-        .inc();
+    let known = HANDSHAKE_RESULTS.iter().position(|r| *r == result);
+    match known {
+        Some(i) => metrics.handshake_counters[i].inc(),
+        None => metrics
+            .handshakes
+            .get_or_create(&labels(&[("result", result)]))
+            .inc(),
+    };
 }
 
 impl Metrics {
     /// The counters a tunnel adds to for frames and bytes, `[client→backend, backend→client]`.
     pub fn relay_counters(&self) -> [(Counter, Counter); 2] {
-        let pair = |direction: &str| {
-            let l = labels(&[("direction", direction)]);
-            (
-                self.messages.get_or_create_owned(&l),
-                self.bytes.get_or_create_owned(&l),
-            )
-        };
-        [pair("client_to_backend"), pair("backend_to_client")]
+        self.relay.clone()
     }
 
     /// A close frame sent by `side` (client, backend or gateway) with `code`.
     pub fn close(&self, side: &str, code: Option<u16>) {
+        let common = match code {
+            None => Some(16),
+            Some(c) if COMMON_CLOSE_CODES.contains(&c) => Some(usize::from(c - 1000)),
+            Some(_) => None,
+        };
+        if let (Some(s), Some(c)) = (CLOSE_SIDES.iter().position(|x| *x == side), common) {
+            self.common_closes[s][c].inc();
+            return;
+        }
         let code = code.map_or_else(|| "none".to_string(), |c| c.to_string());
         self.closes
             .get_or_create(&labels(&[("side", side), ("code", &code)]))
