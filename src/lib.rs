@@ -7,8 +7,8 @@
 //! - [`snapshot`]: what request handlers read: routes matched to [`pool`]s.
 //! - [`pool`]: upstream servers, live counters, and balancers (smooth weighted
 //!   round-robin; ketama consistent hashing compatible with nginx).
-//! - [`listener`]: one server per `[[listener]]`: PROXY protocol, TLS, then HTTP/1.1, with
-//!   WebSocket upgrades taken over raw.
+//! - [`listener`]: the worker threads and the listening sockets they all accept on;
+//!   per connection: PROXY protocol, TLS, then HTTP/1.1, WebSocket upgrades taken over raw.
 //! - [`proxy`]: the request path: route, then WebSocket upgrade or plain HTTP forwarding.
 //! - [`tunnel`]: one actor per WebSocket connection relaying frames between its legs at the
 //!   byte level (headers parsed, payloads passed through).
