@@ -83,12 +83,18 @@ for i in $(seq 0 $((REPLICAS - 1))); do
   load_pids+=($!) pids+=($!)
 done
 
+# Waits (at most 10 minutes) until every load generator has logged PATTERN.
+wait_for_all() {
+  local n
+  for _ in $(seq 1200); do
+    n=$(cat "$RUN_DIR"/load.*.err 2>/dev/null | grep -c "$1" || true)
+    [[ "$n" -ge "$REPLICAS" ]] && return
+    sleep 0.5
+  done
+}
+
 # All up, then memory and the CPU of the idle hold (heartbeats are all that runs).
-for _ in $(seq 600); do
-  n=$(cat "$RUN_DIR"/load.*.err 2>/dev/null | grep -c 'all up' || true)
-  [[ "$n" -ge "$REPLICAS" ]] && break
-  sleep 0.5
-done
+wait_for_all 'all up'
 sleep 2
 up=$(cat "$RUN_DIR"/load.*.jsonl | python3 -c 'import sys,json; print(sum(d["up"] for d in map(json.loads, sys.stdin) if d.get("event")=="all_up"))')
 loaded_rss=$(rss_sum)
@@ -102,11 +108,7 @@ for i in $(seq 0 $((REPLICAS - 1))); do
 done
 # Once every load generator has verified (they linger with the tunnels still open), count
 # the close frames the gateways sent: heartbeats must not have cut anything.
-for _ in $(seq 1200); do
-  n=$(cat "$RUN_DIR"/load.*.err 2>/dev/null | grep -c 'verified' || true)
-  [[ "$n" -ge "$REPLICAS" ]] && break
-  sleep 0.5
-done
+wait_for_all 'verified'
 gateway_closes=0
 for i in $(seq 0 $((REPLICAS - 1))); do
   c=$(curl -s "http://127.0.0.1:$((17000 + i))/metrics" | awk '/^wsgate_close_frames_total\{.*side="gateway"/{s+=$2} END{print s+0}')
