@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::ListenerConfig;
+use crate::proxy::first_request::{self, FirstRequest, Replay};
 use crate::proxy::websocket::{self, UpgradeContext};
 use crate::proxy::{self, ListenerInfo, Shared, UpstreamClients};
 use crate::tls::{self, CertResolver};
@@ -234,15 +235,13 @@ impl Worker {
                 return;
             }
         };
-        let service = match http_service::<Box<dyn Io>>(
-            self.client_header_timeout,
-            &self.shared,
-            &self.info,
-            &self.upstream_tls,
-        )
-        .new_service(())
-        .await
-        {
+        let upgrade = Rc::new(UpgradeContext {
+            shared: self.shared.clone(),
+            listener: self.info.clone(),
+            upstream_tls: Arc::clone(&self.upstream_tls),
+        });
+        let header_timeout = self.client_header_timeout;
+        let service = match http_service(header_timeout, &upgrade).new_service(()).await {
             Ok(service) => Rc::new(service),
             Err(()) => {
                 tracing::error!(listener = %name, "cannot build the HTTP service");
@@ -272,9 +271,19 @@ impl Worker {
                     Ok((io, _)) => {
                         let front = Arc::clone(&self.front);
                         let service = Rc::clone(&service);
+                        let upgrade = Rc::clone(&upgrade);
                         actix_rt::spawn(async move {
-                            if let Ok(accepted) = front.accept(io).await {
-                                let _ = service.call(accepted).await;
+                            let Ok((mut io, peer)) = front.accept(io).await else {
+                                return;
+                            };
+                            match first_request::read(&mut io, peer, header_timeout).await {
+                                FirstRequest::Upgrade(request, early) => {
+                                    websocket::upgrade(request, io, early, &upgrade).await;
+                                }
+                                FirstRequest::Http(read) => {
+                                    let _ = service.call((Replay::new(read, io), peer)).await;
+                                }
+                                FirstRequest::Done => {}
                             }
                         });
                     }
@@ -371,30 +380,25 @@ impl Front {
     }
 }
 
-/// The HTTP/1.1 service of one worker over connections of type `T`: WebSocket upgrades go
-/// to the tunnel path, everything else to the plain HTTP proxy.
-fn http_service<T: Io>(
+/// The HTTP/1.1 service of one worker, for connections whose first request is not a
+/// WebSocket upgrade: plain requests go to the HTTP proxy, a later upgrade on the same
+/// connection to the tunnel path.
+fn http_service(
     client_header_timeout: Duration,
-    shared: &web::Data<Shared>,
-    info: &ListenerInfo,
-    upstream_tls: &Arc<rustls::ClientConfig>,
+    upgrade: &Rc<UpgradeContext>,
 ) -> impl ServiceFactory<
-    (T, Option<std::net::SocketAddr>),
+    (Replay, Option<std::net::SocketAddr>),
     Config = (),
     Response = (),
     Error = DispatchError,
     InitError = (),
-> + use<T> {
+> + use<> {
     // Runs once per worker: the backend clients are per worker (awc is !Send).
-    let clients = web::Data::new(UpstreamClients::new(Arc::clone(upstream_tls)));
-    let upgrade = Rc::new(UpgradeContext {
-        shared: shared.clone(),
-        listener: info.clone(),
-        upstream_tls: Arc::clone(upstream_tls),
-    });
+    let clients = web::Data::new(UpstreamClients::new(Arc::clone(&upgrade.upstream_tls)));
+    let upgrade = Rc::clone(upgrade);
     let app = App::new()
-        .app_data(shared.clone())
-        .app_data(web::Data::new(info.clone()))
+        .app_data(upgrade.shared.clone())
+        .app_data(web::Data::new(upgrade.listener.clone()))
         .app_data(clients)
         // The proxy streams bodies; actix's default payload limits do not apply.
         .default_service(web::to(proxy::handle));
@@ -409,7 +413,7 @@ fn http_service<T: Io>(
             let upgrade = Rc::clone(&upgrade);
             async move {
                 Ok::<_, ()>(fn_service(move |(req, framed)| {
-                    websocket::serve_upgrade::<T>(req, framed, Rc::clone(&upgrade))
+                    websocket::serve_upgrade::<Replay>(req, framed, Rc::clone(&upgrade))
                 }))
             }
         }))

@@ -172,3 +172,79 @@ async fn a_mute_server_is_followed_by_the_next_server() {
         assert_eq!(next_data(&mut ws).await, Message::text("live"));
     }
 }
+
+/// Reads one response head (and its body, by Content-Length) from a raw connection.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "connection closed"
+        );
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_string();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    head
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_after_a_plain_request_on_the_same_connection_is_tunnelled() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(
+        r#"
+        [gateway]
+        workers = 1
+        [[listener]]
+        name = "test"
+        bind = "127.0.0.1:0"
+        [[route]]
+        host = "ws.test"
+        path = "/"
+        upstream = "u"
+        [upstream.u]
+        servers = ["{BACKEND_1}"]
+        "#,
+        &[backend.addr],
+    );
+    let mut stream = tokio::net::TcpStream::connect(addr(&gw)).await.unwrap();
+    // The first request is plain HTTP (actix-http serves the connection from here on).
+    stream
+        .write_all(b"GET /page HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = read_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "the accept key for the client's key: {head}"
+    );
+    let mut ws =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+    ws.send(Message::text("after keep-alive")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("after keep-alive"));
+    assert_eq!(backend.handshakes(), 1);
+}

@@ -3,6 +3,7 @@
 //! forwarding headers ([`headers`]) and backend clients ([`upstream_client`]) for both.
 
 mod error;
+pub mod first_request;
 pub mod headers;
 mod http;
 pub mod upstream_client;

@@ -20,7 +20,7 @@ use actix_http::header::{self, HeaderMap};
 use actix_http::{HttpMessage, Request, StatusCode};
 use actix_web::ResponseError;
 use actix_web::web;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -55,7 +55,9 @@ enum DialError {
     Refused(StatusCode),
 }
 
-/// The upgrade service: answers the client on its raw connection, then starts the tunnel.
+/// actix-http's upgrade service, for an upgrade that follows other requests on a
+/// keep-alive connection (a connection's first request is read in
+/// [`super::first_request`]).
 pub async fn serve_upgrade<T: Io>(
     req: Request,
     framed: Framed<T, h1::Codec>,
@@ -63,17 +65,19 @@ pub async fn serve_upgrade<T: Io>(
 ) -> Result<(), actix_http::Error> {
     // Only the socket and the bytes already read from it are kept; the HTTP codec, its
     // buffers and the request are dropped before the tunnel's long life begins.
-    let actix_codec::FramedParts {
-        io: mut client,
-        read_buf,
-        ..
-    } = framed.into_parts();
-    // Boxed: the dial's large future would otherwise stay part of this one (and of every
-    // tunnel's memory) while it waits for the tunnel to end.
+    let actix_codec::FramedParts { io, read_buf, .. } = framed.into_parts();
+    upgrade(req, Box::new(io), read_buf.freeze(), &ctx).await;
+    Ok(())
+}
+
+/// Answers a WebSocket upgrade on the client's raw connection (`early`: bytes that came
+/// after the request head), then starts the tunnel.
+pub async fn upgrade(req: Request, mut client: Box<dyn Io>, early: Bytes, ctx: &UpgradeContext) {
     let started = std::time::Instant::now();
     let outcome = match ctx.listener.redirect_https {
         Some(port) => Err(super::redirect(req.head(), port)),
-        None => Box::pin(accept(&req, &ctx)).await,
+        // Boxed: the dial's large future would otherwise make every connection's larger.
+        None => Box::pin(accept(&req, ctx)).await,
     };
     drop(req);
     match outcome {
@@ -83,7 +87,7 @@ pub async fn serve_upgrade<T: Io>(
                     .await;
             if !matches!(written, Ok(Ok(()))) {
                 metrics::handshake(&ctx.shared.metrics, "client_gone");
-                return Ok(());
+                return;
             }
             metrics::handshake(&ctx.shared.metrics, "ok");
             ctx.shared
@@ -91,10 +95,7 @@ pub async fn serve_upgrade<T: Io>(
                 .handshake_seconds
                 .observe(started.elapsed().as_secs_f64());
             Tunnel::start(
-                LegIo {
-                    io: Box::new(client),
-                    early: read_buf.freeze(),
-                },
+                LegIo { io: client, early },
                 accepted.backend,
                 accepted.params,
             );
@@ -109,7 +110,6 @@ pub async fn serve_upgrade<T: Io>(
             .await;
         }
     }
-    Ok(())
 }
 
 struct Accepted {

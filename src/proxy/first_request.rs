@@ -1,0 +1,220 @@
+//! A connection's first request head, read by the gateway itself. Most WebSocket clients
+//! open a connection for the upgrade alone, so an upgrade found here goes straight to the
+//! tunnel path without actix-http's connection dispatcher (whose per-connection setup was
+//! the largest user-space cost of a handshake under callgrind, see BENCHMARKS.md).
+//! Anything else is served by actix-http from the first byte: [`Replay`] gives it the
+//! bytes read here before the rest of the connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use actix_http::header::{HeaderName, HeaderValue};
+use actix_http::{Method, Request, Uri, Version};
+use bytes::{Buf as _, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+
+use super::MAX_HEAD_BYTES;
+use crate::tunnel::Io;
+
+/// Headers a first request may have; one with more goes to actix-http, which decides.
+const MAX_HEADERS: usize = 96;
+
+/// The first read's buffer; it doubles up to [`MAX_HEAD_BYTES`] for a larger head.
+const FIRST_READ: usize = 2048;
+
+/// What the first request turned out to be.
+pub enum FirstRequest {
+    /// A WebSocket upgrade: its head, and the bytes that followed it.
+    Upgrade(Request, Bytes),
+    /// Anything else, for actix-http: the bytes read so far, to replay.
+    Http(Bytes),
+    /// Answered here (408, 431) or the client left.
+    Done,
+}
+
+/// Reads the connection's first request head within `timeout`. A head still incomplete
+/// after `timeout` is answered 408, one over [`MAX_HEAD_BYTES`] 431; both close.
+pub async fn read(
+    io: &mut Box<dyn Io>,
+    peer: Option<SocketAddr>,
+    timeout: Duration,
+) -> FirstRequest {
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    let reading = async {
+        loop {
+            match io.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match httparse::Request::new(&mut slots).parse(&buf) {
+                Ok(httparse::Status::Complete(_)) | Err(_) => return Some(true),
+                Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
+                    return Some(false);
+                }
+                Ok(httparse::Status::Partial) => {
+                    if buf.len() == buf.capacity() {
+                        buf.reserve(buf.capacity());
+                    }
+                }
+            }
+        }
+    };
+    let refusal: &[u8] = match tokio::time::timeout(timeout, reading).await {
+        Ok(None) => return FirstRequest::Done,
+        Ok(Some(true)) => return classify(buf.freeze(), peer),
+        Ok(Some(false)) => {
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        }
+        Err(_) => b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    };
+    let _ = tokio::time::timeout(timeout, async {
+        io.write_all(refusal).await?;
+        io.shutdown().await
+    })
+    .await;
+    FirstRequest::Done
+}
+
+/// An upgrade to WebSocket becomes actix-http's request type (values sliced from `buf`,
+/// not copied); everything else, malformed heads included, goes to actix-http as bytes.
+fn classify(buf: Bytes, peer: Option<SocketAddr>) -> FirstRequest {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    let Ok(httparse::Status::Complete(head_len)) = parsed.parse(&buf) else {
+        return FirstRequest::Http(buf);
+    };
+    let is_upgrade = parsed.method == Some("GET")
+        && parsed.version == Some(1)
+        && parsed.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("upgrade")
+                && h.value
+                    .split(|&b| b == b',')
+                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+        });
+    let Some(path) = parsed.path.filter(|_| is_upgrade) else {
+        return FirstRequest::Http(buf);
+    };
+    let Ok(uri) = Uri::from_maybe_shared(buf.slice_ref(path.as_bytes())) else {
+        return FirstRequest::Http(buf);
+    };
+    let mut request = Request::new();
+    let head = request.head_mut();
+    head.method = Method::GET;
+    head.uri = uri;
+    head.version = Version::HTTP_11;
+    head.peer_addr = peer;
+    for h in parsed.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_maybe_shared(buf.slice_ref(h.value)),
+        ) else {
+            return FirstRequest::Http(buf);
+        };
+        head.headers_mut().append(name, value);
+    }
+    let early = if head_len < buf.len() {
+        buf.slice(head_len..)
+    } else {
+        Bytes::new()
+    };
+    FirstRequest::Upgrade(request, early)
+}
+
+/// A connection whose first bytes were already read: reads return those first.
+pub struct Replay {
+    early: Bytes,
+    io: Box<dyn Io>,
+}
+
+impl Replay {
+    pub fn new(early: Bytes, io: Box<dyn Io>) -> Replay {
+        Replay { early, io }
+    }
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.early.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, out);
+        }
+        let n = self.early.len().min(out.remaining());
+        out.put_slice(&self.early[..n]);
+        self.early.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classified(head: &str) -> FirstRequest {
+        classify(Bytes::from(head.to_string()), None)
+    }
+
+    #[test]
+    fn a_websocket_upgrade_is_taken_with_the_bytes_after_it() {
+        let head = "GET /chat?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\x01\x00";
+        let FirstRequest::Upgrade(request, early) = classified(head) else {
+            panic!("not taken as an upgrade");
+        };
+        assert_eq!(request.head().uri.path(), "/chat");
+        assert_eq!(request.head().uri.query(), Some("x=1"));
+        assert_eq!(request.head().headers().get("host").unwrap(), "a");
+        assert_eq!(&early[..], b"\x01\x00");
+    }
+
+    #[test]
+    fn anything_else_goes_to_actix_http_whole() {
+        for head in [
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "POST / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.0\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+            "GARBAGE\r\n\r\n",
+        ] {
+            match classified(head) {
+                FirstRequest::Http(bytes) => assert_eq!(&bytes[..], head.as_bytes()),
+                _ => panic!("{head:?} was not left to actix-http"),
+            }
+        }
+    }
+}
