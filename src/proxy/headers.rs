@@ -48,26 +48,85 @@ pub struct Forwarded<'a> {
     pub host_override: Option<&'a str>,
 }
 
-fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+/// The tokens of the request's `Connection` headers: headers named there are hop-by-hop.
+fn connection_tokens(headers: &HeaderMap) -> Vec<&str> {
     headers
         .get_all(header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+        .map(str::trim)
+        .collect()
 }
 
-fn is_hop_by_hop(headers: &HeaderMap, name: &HeaderName) -> bool {
+fn is_hop_by_hop(name: &HeaderName, connection_tokens: &[&str]) -> bool {
     HOP_BY_HOP.contains(name)
         || *name == KEEP_ALIVE
         || *name == PROXY_CONNECTION
-        || named_by_connection(headers, name)
+        || connection_tokens
+            .iter()
+            .any(|token| token.eq_ignore_ascii_case(name.as_str()))
+}
+
+/// An address as forwarding headers write it (an IPv4-mapped IPv6 address as IPv4).
+/// IPv4, the common case, is written by hand: `Display` cost as much as the rest of the
+/// headers together (callgrind).
+fn ip_text(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                if octet >= 100 {
+                    text.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    text.push(char::from(b'0' + octet / 10 % 10));
+                }
+                text.push(char::from(b'0' + octet % 10));
+            }
+            text
+        }
+        v6 => v6.to_string(),
+    }
+}
+
+/// Where the headers for a backend go: a header map (plain HTTP, sent by awc) or the bytes
+/// of a request head (a WebSocket upgrade, written by the gateway itself).
+pub trait HeaderSink {
+    fn put(&mut self, name: &HeaderName, value: &HeaderValue);
+}
+
+impl HeaderSink for HeaderMap {
+    fn put(&mut self, name: &HeaderName, value: &HeaderValue) {
+        self.append(name.clone(), value.clone());
+    }
+}
+
+/// `name: value\r\n` per header.
+impl HeaderSink for Vec<u8> {
+    fn put(&mut self, name: &HeaderName, value: &HeaderValue) {
+        self.extend_from_slice(name.as_str().as_bytes());
+        self.extend_from_slice(b": ");
+        self.extend_from_slice(value.as_bytes());
+        self.extend_from_slice(b"\r\n");
+    }
 }
 
 /// The headers to send to the backend for a client request carrying `incoming`.
 pub fn to_backend(incoming: &HeaderMap, fwd: &Forwarded<'_>) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(incoming.len() + 5);
+    forward(incoming, fwd, &mut out);
+    out
+}
+
+/// Puts the headers to send to the backend into `out`: the client's end-to-end headers,
+/// then Host and the forwarding headers. Returns whether a Host header was put.
+pub fn forward(incoming: &HeaderMap, fwd: &Forwarded<'_>, out: &mut impl HeaderSink) -> bool {
+    let tokens = connection_tokens(incoming);
     for (name, value) in incoming.iter() {
-        if is_hop_by_hop(incoming, name)
+        if is_hop_by_hop(name, &tokens)
             || WEBSOCKET_PER_LEG.contains(name)
             || *name == header::HOST
             || *name == X_FORWARDED_FOR
@@ -77,39 +136,39 @@ pub fn to_backend(incoming: &HeaderMap, fwd: &Forwarded<'_>) -> HeaderMap {
         {
             continue;
         }
-        out.append(name.clone(), value.clone());
+        out.put(name, value);
     }
     let host = match fwd.host_override {
         Some(host) => HeaderValue::from_str(host).ok(),
         None => fwd.host.cloned(),
     };
+    let host_put = host.is_some();
     if let Some(host) = host {
-        out.insert(header::HOST, host);
+        out.put(&header::HOST, &host);
     }
     if let Some(original) = fwd.host {
-        out.insert(X_FORWARDED_HOST, original.clone());
+        out.put(&X_FORWARDED_HOST, original);
     }
     // nginx's $proxy_add_x_forwarded_for: the list the client sent, then the hop it came
     // from (the client itself unless a trusted balancer is in between).
-    let client_ip = fwd.client_ip.to_canonical().to_string();
-    let peer_ip = fwd.peer_ip.to_canonical().to_string();
+    let peer_ip = ip_text(fwd.peer_ip);
     let previous: Vec<&str> = incoming
         .get_all(X_FORWARDED_FOR)
         .filter_map(|v| v.to_str().ok())
         .collect();
     let xff = if previous.is_empty() {
-        peer_ip
+        HeaderValue::from_str(&peer_ip)
     } else {
-        format!("{}, {peer_ip}", previous.join(", "))
+        HeaderValue::from_str(&format!("{}, {peer_ip}", previous.join(", ")))
     };
-    if let Ok(xff) = HeaderValue::from_str(&xff) {
-        out.insert(X_FORWARDED_FOR, xff);
+    if let Ok(xff) = xff {
+        out.put(&X_FORWARDED_FOR, &xff);
     }
-    if let Ok(ip) = HeaderValue::from_str(&client_ip) {
-        out.insert(X_REAL_IP, ip);
+    if let Ok(ip) = HeaderValue::from_str(&ip_text(fwd.client_ip)) {
+        out.put(&X_REAL_IP, &ip);
     }
-    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
-    out
+    out.put(&X_FORWARDED_PROTO, &HeaderValue::from_static(fwd.proto));
+    host_put
 }
 
 /// Copies a backend response's end-to-end headers into `out` (the client's response).
@@ -153,6 +212,23 @@ pub fn end_to_end<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_like_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(ip_text(mapped), "10.1.2.3");
+    }
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut m = HeaderMap::new();

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use actix_codec::Framed;
 use actix_http::h1;
-use actix_http::header::{self, HeaderMap};
+use actix_http::header;
 use actix_http::{HttpMessage, Request, StatusCode};
 use actix_web::ResponseError;
 use actix_web::web;
@@ -148,7 +148,9 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
         }
     }
     let permits = permits(&ctx.shared, &matched)?;
-    let to_backend = headers::to_backend(
+    // The forwarded headers as they will be written, once for every server tried.
+    let mut to_backend = Vec::with_capacity(512);
+    let host_put = headers::forward(
         req.headers(),
         &Forwarded {
             client_ip: matched.client_ip,
@@ -157,6 +159,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
             host: req.headers().get(header::HOST),
             host_override: route.config.host_header.as_deref(),
         },
+        &mut to_backend,
     );
     let tls = route.pool.tls.as_ref().unwrap_or(&ctx.upstream_tls);
     let mut last_error = None;
@@ -166,12 +169,12 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
     }
     let upstream_config = &route.pool.config;
     for server in candidates {
+        let host = (!host_put).then(|| authority(&server.config.host, server.config.port));
         let request = upgrade_request(
             &matched.backend_path,
+            host.as_deref(),
             &to_backend,
             key.as_bytes(),
-            &server.config.host,
-            server.config.port,
         );
         match dial(&server, tls, &request, &accept_key, &settings).await {
             Ok(answer) => {
@@ -243,22 +246,20 @@ fn permits(shared: &Shared, matched: &super::Matched) -> Result<Permits, ProxyEr
     })
 }
 
-/// The upgrade request for one server: the client's request line and end-to-end headers
-/// (as [`headers::to_backend`] made them), then the upgrade headers with the client's key.
-fn upgrade_request(path: &str, headers: &HeaderMap, key: &[u8], host: &str, port: u16) -> Vec<u8> {
-    let mut request = Vec::with_capacity(512);
+/// The upgrade request for one server: the request line, a Host header if the client
+/// sent none (`host`), the forwarded headers as [`headers::forward`] wrote them, then the
+/// upgrade headers with the client's key.
+fn upgrade_request(path: &str, host: Option<&str>, forwarded: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut request = Vec::with_capacity(forwarded.len() + 256);
     request.extend_from_slice(b"GET ");
     request.extend_from_slice(path.as_bytes());
     request.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) {
-        request.extend_from_slice(format!("host: {}\r\n", authority(host, port)).as_bytes());
-    }
-    for (name, value) in headers.iter() {
-        request.extend_from_slice(name.as_str().as_bytes());
-        request.extend_from_slice(b": ");
-        request.extend_from_slice(value.as_bytes());
+    if let Some(host) = host {
+        request.extend_from_slice(b"host: ");
+        request.extend_from_slice(host.as_bytes());
         request.extend_from_slice(b"\r\n");
     }
+    request.extend_from_slice(forwarded);
     request.extend_from_slice(
         b"connection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: ",
     );
