@@ -193,19 +193,22 @@ pub fn to_client(backend: &HeaderMap, out: &mut HeaderMap) {
 pub fn end_to_end<'a>(
     pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
 ) -> impl Iterator<Item = (&'a str, &'a [u8])> {
-    let listed = pairs.clone();
+    let listed: Vec<&[u8]> = pairs
+        .clone()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, value)| value.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .collect();
     pairs.filter(move |(name, _)| {
         let stopped = HOP_BY_HOP
             .iter()
             .chain(&WEBSOCKET_PER_LEG)
             .chain([&KEEP_ALIVE, &PROXY_CONNECTION])
             .any(|h| h.as_str().eq_ignore_ascii_case(name));
-        let named = listed
-            .clone()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-            .flat_map(|(_, v)| v.split(|&b| b == b','))
-            .any(|token| token.trim_ascii().eq_ignore_ascii_case(name.as_bytes()));
-        !stopped && !named
+        !stopped
+            && !listed
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
     })
 }
 
