@@ -36,6 +36,20 @@ WSGATE="$REPO/target/release/wsgate"
 WSLOAD="$HERE/harness/wsload/target/release/wsload"
 BACKEND="$HERE/harness/wsload/target/release/echo-backend"
 
+# Every tunnel is two tracked connections in netfilter's conntrack table (where it is
+# loaded); a full table drops packets, which shows as connect timeouts and 504s. Entries
+# of earlier runs (the benchmark's handshakes, say) linger about two minutes after they
+# close, so wait for room first.
+ct=/proc/sys/net/netfilter
+if [[ -r $ct/nf_conntrack_max ]]; then
+  need=$((2 * TOTAL + 10000))
+  for _ in $(seq 60); do
+    (($(cat $ct/nf_conntrack_count) + need <= $(cat $ct/nf_conntrack_max))) && break
+    echo "scale: waiting for room in the conntrack table ($(cat $ct/nf_conntrack_count) of $(cat $ct/nf_conntrack_max) in use, $need needed)" >&2
+    sleep 5
+  done
+fi
+
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
