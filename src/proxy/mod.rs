@@ -1,6 +1,7 @@
-//! The request path: match a route, then either take the connection over for a WebSocket
-//! tunnel ([`websocket`]) or forward a plain HTTP request ([`http`]), with the same
-//! forwarding headers ([`headers`]) and backend clients ([`upstream_client`]) for both.
+//! The request path: a connection's first request head ([`first_request`]), then a route,
+//! then either the connection taken over for a WebSocket tunnel ([`websocket`]) or a plain
+//! HTTP request forwarded ([`http`], with awc clients from [`upstream_client`]); both send
+//! the same forwarding headers ([`headers`]).
 
 mod error;
 pub mod first_request;

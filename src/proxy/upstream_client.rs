@@ -1,7 +1,8 @@
-//! The HTTP/WebSocket client each worker uses to reach backends (awc), set up for a proxy:
-//! Nagle off (a relayed small frame must not wait 40 ms for a delayed ACK), no connection
-//! cap (awc's default of 100 would silently stall the 101st tunnel), no default headers
-//! (the client's User-Agent passes through), and our own timeouts per route.
+//! The HTTP client each worker uses to forward plain HTTP requests to backends (awc), set
+//! up for a proxy: Nagle off (a small response must not wait 40 ms for a delayed ACK), no
+//! connection cap (awc's default of 100 would silently stall the 101st request), no
+//! default headers (the client's User-Agent passes through), and our own timeouts per
+//! route. WebSocket upgrades dial their backends themselves ([`super::websocket`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
