@@ -9,6 +9,7 @@
 //! handlers that change the state and wake the relay.
 
 use std::cell::RefCell;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, Waker};
@@ -22,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::ending::{Ending, HEARTBEAT_PAYLOAD};
 use super::heartbeat::{TimerEvent, Timers};
-use super::pump::{Direction, Limits};
+use super::pump::{Direction, Limits, Processed};
 use super::wire::{self, OP_CLOSE, OP_PING};
 use super::{Leg, Registry, RegistryEntry};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -194,8 +195,9 @@ impl Tunnel {
         .start();
     }
 
-    /// Processes bytes read from `from` and queues what they become for the other leg.
-    fn ingest(&mut self, from: Leg, input: &[u8], out: &mut Vec<u8>) {
+    /// Processes bytes read from `from`; what goes to the other leg is either in `out` or,
+    /// when it is one unchanged range of `input`, that range (written without a copy).
+    fn ingest(&mut self, from: Leg, input: &[u8], out: &mut Vec<u8>) -> Option<Range<usize>> {
         let to = from.other();
         self.timers.heard(from);
         // The direction itself stops after a Close it forwarded, and after the frame in
@@ -209,8 +211,9 @@ impl Tunnel {
                     out.clear();
                 }
                 self.end(ending);
+                None
             }
-            Ok(seen) => {
+            Ok(Processed { seen, direct }) => {
                 if seen.data {
                     self.timers.data();
                 }
@@ -236,6 +239,7 @@ impl Tunnel {
                 if seen.close.is_some() {
                     self.arm_close_deadline = true;
                 }
+                direct.filter(|_| forward)
             }
         }
     }
@@ -325,11 +329,14 @@ impl Tunnel {
                 Poll::Pending => {}
                 Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
                     let n = buf.filled().len();
-                    self.ingest(from, &read_buf[..n], out);
-                    if !out.is_empty() {
-                        let batch = std::mem::take(out);
-                        self.write_or_queue(to, &batch, cx);
-                        *out = batch;
+                    match self.ingest(from, &read_buf[..n], out) {
+                        Some(direct) => self.write_or_queue(to, &read_buf[direct], cx),
+                        None if !out.is_empty() => {
+                            let batch = std::mem::take(out);
+                            self.write_or_queue(to, &batch, cx);
+                            *out = batch;
+                        }
+                        None => {}
                     }
                     progress = true;
                 }
@@ -363,8 +370,11 @@ impl Tunnel {
                 let early = std::mem::take(&mut self.early[leg as usize]);
                 if !early.is_empty() {
                     let mut out = Vec::new();
-                    self.ingest(leg, &early, &mut out);
-                    self.pending[leg.other() as usize].extend_from_slice(&out);
+                    let forwarded = match self.ingest(leg, &early, &mut out) {
+                        Some(direct) => &early[direct],
+                        None => &out[..],
+                    };
+                    self.pending[leg.other() as usize].extend_from_slice(forwarded);
                 }
             }
         }

@@ -8,6 +8,8 @@
 //! order, masking rules), and only control frames (at most 125 bytes) are looked into:
 //! pongs to the gateway's own heartbeat pings are consumed, Close frames are noted.
 
+use std::ops::Range;
+
 use super::Leg;
 use super::ending::{Ending, HEARTBEAT_PAYLOAD};
 use super::wire::{self, Header, OP_CLOSE, OP_CONTINUATION, OP_PONG};
@@ -21,6 +23,56 @@ pub struct Seen {
     pub frames: u32,
     /// The sending leg's Close frame went through (its close code, if any).
     pub close: Option<Option<u16>>,
+}
+
+/// What [`Direction::process`] produced.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Processed {
+    pub seen: Seen,
+    /// The bytes for the other leg are exactly this range of the input, which is then
+    /// written as it is (no copy; `out` stays empty). The common case: a batch of whole
+    /// data frames with nothing consumed or cut.
+    pub direct: Option<Range<usize>>,
+}
+
+/// Where forwarded bytes go while a batch is parsed: contiguous ranges of the input are
+/// only remembered, and copied into `out` once something breaks the run.
+struct Sink<'a> {
+    out: &'a mut Vec<u8>,
+    run: Option<Range<usize>>,
+}
+
+impl<'a> Sink<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        Sink { out, run: None }
+    }
+
+    #[inline]
+    fn pass(&mut self, data: &[u8], range: Range<usize>) {
+        match &mut self.run {
+            Some(run) if run.end == range.start => run.end = range.end,
+            _ => {
+                self.flush(data);
+                self.run = Some(range);
+            }
+        }
+    }
+
+    fn flush(&mut self, data: &[u8]) {
+        if let Some(run) = self.run.take() {
+            self.out.extend_from_slice(&data[run]);
+        }
+    }
+
+    /// The run itself if it is all there is to forward, else `None` with it in `out`.
+    fn finish(mut self, data: &[u8]) -> Option<Range<usize>> {
+        if self.out.is_empty() {
+            self.run.take()
+        } else {
+            self.flush(data);
+            None
+        }
+    }
 }
 
 /// Limits applied to what the sending leg sends.
@@ -81,32 +133,43 @@ impl Direction {
         self.frame_left > 0 && (!self.cut || self.owed)
     }
 
-    /// Takes `input` (bytes read from the leg) and appends what goes to the other leg to
-    /// `out`. An `Err` ends the tunnel (the frames before the bad one are in `out`); bytes
-    /// after a Close frame are dropped.
+    /// Takes `input` (bytes read from the leg); what goes to the other leg is either
+    /// appended to `out` or, when it is one unchanged range of `input`, returned as
+    /// [`Processed::direct`]. An `Err` ends the tunnel (the frames before the bad one are
+    /// in `out`); bytes after a Close frame are dropped.
     pub fn process(
         &mut self,
         input: &[u8],
         out: &mut Vec<u8>,
         limits: &Limits,
-    ) -> Result<Seen, Ending> {
+    ) -> Result<Processed, Ending> {
         let mut seen = Seen::default();
+        let mut sink = Sink::new(out);
         if self.partial.is_empty() {
-            let used = self.frames(input, out, limits, &mut seen)?;
+            let used = match self.frames(input, &mut sink, limits, &mut seen) {
+                Ok(used) => used,
+                Err(ending) => {
+                    sink.flush(input);
+                    return Err(ending);
+                }
+            };
             if used < input.len() {
                 self.partial.extend_from_slice(&input[used..]);
             }
+            let direct = sink.finish(input);
+            Ok(Processed { seen, direct })
         } else {
             let mut pending = std::mem::take(&mut self.partial);
             pending.extend_from_slice(input);
-            let used = self.frames(&pending, out, limits, &mut seen)?;
-            pending.drain(..used);
+            let used = self.frames(&pending, &mut sink, limits, &mut seen);
+            sink.flush(&pending);
+            pending.drain(..used?);
             // Keep the (small) allocation only while it holds something.
             if !pending.is_empty() {
                 self.partial = pending;
             }
+            Ok(Processed { seen, direct: None })
         }
-        Ok(seen)
     }
 
     /// Forwards whole headers, payload pieces and whole control frames from `data`;
@@ -115,7 +178,7 @@ impl Direction {
     fn frames(
         &mut self,
         data: &[u8],
-        out: &mut Vec<u8>,
+        sink: &mut Sink<'_>,
         limits: &Limits,
         seen: &mut Seen,
     ) -> Result<usize, Ending> {
@@ -128,7 +191,7 @@ impl Direction {
             if self.frame_left > 0 {
                 let take = self.frame_left.min((data.len() - i) as u64) as usize;
                 if !self.cut || self.owed {
-                    out.extend_from_slice(&data[i..i + take]);
+                    sink.pass(data, i..i + take);
                 }
                 self.frame_left -= take as u64;
                 if self.frame_left == 0 {
@@ -152,7 +215,9 @@ impl Direction {
                     break;
                 }
                 seen.frames += 1;
-                self.control(&header, &data[i..i + whole], out, seen);
+                if self.control(&header, &data[i..i + whole], seen) {
+                    sink.pass(data, i..i + whole);
+                }
                 i += whole;
                 continue;
             }
@@ -160,7 +225,7 @@ impl Direction {
             seen.data = true;
             seen.frames += 1;
             if !self.cut {
-                out.extend_from_slice(&data[i..i + header.len]);
+                sink.pass(data, i..i + header.len);
             }
             self.frame_left = header.payload_len;
             i += header.len;
@@ -184,7 +249,8 @@ impl Direction {
         Ok(())
     }
 
-    fn control(&mut self, header: &Header, frame: &[u8], out: &mut Vec<u8>, seen: &mut Seen) {
+    /// Notes a control frame; returns whether it goes on to the other leg.
+    fn control(&mut self, header: &Header, frame: &[u8], seen: &mut Seen) -> bool {
         let mut payload = [0u8; wire::MAX_CONTROL_PAYLOAD];
         let len = header.payload_len as usize;
         payload[..len].copy_from_slice(&frame[header.len..]);
@@ -192,16 +258,14 @@ impl Direction {
             wire::apply_mask(&mut payload[..len], key, 0);
         }
         match header.opcode {
-            OP_PONG if &payload[..len] == HEARTBEAT_PAYLOAD => return,
+            OP_PONG if &payload[..len] == HEARTBEAT_PAYLOAD => return false,
             OP_CLOSE => {
                 self.closed = true;
                 seen.close = Some((len >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])));
             }
             _ => {}
         }
-        if !self.cut {
-            out.extend_from_slice(frame);
-        }
+        !self.cut
     }
 }
 
@@ -235,8 +299,46 @@ mod tests {
 
     fn run(dir: &mut Direction, input: &[u8]) -> (Vec<u8>, Result<Seen, Ending>) {
         let mut out = Vec::new();
-        let r = dir.process(input, &mut out, &LIMITS);
+        let r = forward(dir, input, &mut out);
         (out, r)
+    }
+
+    /// What goes to the other leg, appended to `out` whichever way `process` gave it.
+    fn forward(dir: &mut Direction, input: &[u8], out: &mut Vec<u8>) -> Result<Seen, Ending> {
+        let mut fresh = Vec::new();
+        let processed = dir.process(input, &mut fresh, &LIMITS);
+        match &processed {
+            Ok(Processed {
+                direct: Some(range),
+                ..
+            }) => {
+                assert!(fresh.is_empty(), "direct output comes alone");
+                out.extend_from_slice(&input[range.clone()]);
+            }
+            // On an error too: the frames before the bad one go through.
+            _ => out.extend_from_slice(&fresh),
+        }
+        processed.map(|p| p.seen)
+    }
+
+    #[test]
+    fn whole_data_frames_are_forwarded_without_a_copy() {
+        let mut dir = Direction::new(Leg::Client);
+        let mut input = frame(Leg::Client, true, OP_TEXT, b"one");
+        input.extend(frame(Leg::Client, true, OP_BINARY, &[9u8; 200]));
+        let mut out = Vec::new();
+        let processed = dir.process(&input, &mut out, &LIMITS).unwrap();
+        assert_eq!(processed.direct, Some(0..input.len()));
+        assert!(out.is_empty());
+        // A consumed heartbeat pong in the middle breaks the run: the rest is copied.
+        let mut input = frame(Leg::Client, true, OP_TEXT, b"a");
+        input.extend(frame(Leg::Client, true, OP_PONG, HEARTBEAT_PAYLOAD));
+        input.extend(frame(Leg::Client, true, OP_TEXT, b"b"));
+        let processed = dir.process(&input, &mut out, &LIMITS).unwrap();
+        assert_eq!(processed.direct, None);
+        let mut expected = frame(Leg::Client, true, OP_TEXT, b"a");
+        expected.extend(frame(Leg::Client, true, OP_TEXT, b"b"));
+        assert_eq!(out, expected);
     }
 
     #[test]
@@ -250,7 +352,7 @@ mod tests {
                 let mut dir = Direction::new(from);
                 let mut out = Vec::new();
                 for piece in stream.chunks(chunk) {
-                    dir.process(piece, &mut out, &LIMITS).unwrap();
+                    forward(&mut dir, piece, &mut out).unwrap();
                 }
                 assert_eq!(out, stream, "{from:?} in chunks of {chunk}");
             }
