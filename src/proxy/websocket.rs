@@ -30,7 +30,7 @@ use crate::config::TunnelSettings;
 use crate::limits::Permits;
 use crate::metrics;
 use crate::pool::Server;
-use crate::tunnel::{Io, LegIo, Tunnel, TunnelParams};
+use crate::tunnel::{ClientAddr, Io, LegIo, Tunnel, TunnelParams};
 
 /// A backend answer or a refusal has to reach the client within this time, or the client
 /// is not reading and is dropped.
@@ -192,7 +192,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
                         registry: Arc::clone(&ctx.shared.registry),
                         lease: server.lease(),
                         upstream: Arc::from(route.config.upstream.as_str()),
-                        client_addr: req.peer_addr().map_or_else(String::new, |a| a.to_string()),
+                        client_addr: ClientAddr(req.peer_addr()),
                         route: route.label.clone(),
                     },
                 });

@@ -63,8 +63,22 @@ pub struct TunnelParams {
     /// The upstream the server was picked from (draining is per upstream).
     pub upstream: Arc<str>,
     /// For logs: who is on each end.
-    pub client_addr: String,
+    pub client_addr: ClientAddr,
     pub route: String,
+}
+
+/// The client's address for logs, formatted only when a log line is written (a string
+/// per tunnel cost a formatting pass and an allocation on every handshake).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Ends a tunnel from outside (shutdown, draining), at once or `after` a delay.
@@ -116,7 +130,7 @@ pub struct Tunnel {
     registry: Arc<Registry>,
     upstream: Arc<str>,
     entry: Option<RegistryEntry>,
-    client_addr: String,
+    client_addr: ClientAddr,
     route: String,
     ending: Option<Ending>,
     early: [bytes::Bytes; 2],

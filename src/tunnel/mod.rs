@@ -21,7 +21,7 @@ use std::time::Duration;
 use actix::Recipient;
 use dashmap::DashMap;
 
-pub use actor::{End, Io, LegIo, Tunnel, TunnelParams};
+pub use actor::{ClientAddr, End, Io, LegIo, Tunnel, TunnelParams};
 pub use ending::Ending;
 
 use crate::pool::Server;
