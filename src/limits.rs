@@ -62,7 +62,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Drop for Permit<K> {
 #[derive(Debug, Default)]
 pub struct Limits {
     pub total: Arc<Counter<()>>,
-    pub per_route: Arc<Counter<String>>,
+    pub per_route: Arc<Counter<Arc<str>>>,
     pub per_ip: Arc<Counter<IpAddr>>,
 }
 
@@ -70,7 +70,7 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct Permits {
     pub _total: Permit<()>,
-    pub _route: Permit<String>,
+    pub _route: Permit<Arc<str>>,
     pub _ip: Permit<IpAddr>,
 }
 

@@ -14,7 +14,7 @@ pub struct Route {
     pub config: RouteConfig,
     pub pool: Arc<Pool>,
     /// `host/path -> upstream`, for logs.
-    pub label: String,
+    pub label: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -69,7 +69,7 @@ impl Snapshot {
                     HostMatch::Suffix(s) => format!("*{s}"),
                 };
                 Some(Arc::new(Route {
-                    label: format!("{host}{} -> {}", route.path, route.upstream),
+                    label: Arc::from(format!("{host}{} -> {}", route.path, route.upstream)),
                     config: route.clone(),
                     pool,
                 }))

@@ -54,7 +54,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
         .iter()
         .map(|r| {
             json!({
-                "route": r.label,
+                "route": &*r.label,
                 "path": r.config.path,
                 "upstream": r.config.upstream,
                 "live_tunnels": shared.limits.per_route.count(&r.label),

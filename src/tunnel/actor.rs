@@ -64,7 +64,7 @@ pub struct TunnelParams {
     pub upstream: Arc<str>,
     /// For logs: who is on each end.
     pub client_addr: ClientAddr,
-    pub route: String,
+    pub route: Arc<str>,
 }
 
 /// The client's address for logs, formatted only when a log line is written (a string
@@ -131,7 +131,7 @@ pub struct Tunnel {
     upstream: Arc<str>,
     entry: Option<RegistryEntry>,
     client_addr: ClientAddr,
-    route: String,
+    route: Arc<str>,
     ending: Option<Ending>,
     early: [bytes::Bytes; 2],
     _permits: Permits,
