@@ -44,12 +44,9 @@ impl Workers {
         }
     }
 
-    pub fn len(&self) -> usize {
+    /// How many workers run.
+    pub fn count(&self) -> usize {
         self.arbiters.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.arbiters.is_empty()
     }
 }
 
@@ -195,9 +192,11 @@ pub fn serve(
             socket,
             state: state.clone(),
             front: Arc::clone(&front),
-            shared: shared.clone(),
-            info: info.clone(),
-            upstream_tls: Arc::clone(&upstream_tls),
+            upgrade: UpgradeContext {
+                shared: shared.clone(),
+                listener: info.clone(),
+                upstream_tls: Arc::clone(&upstream_tls),
+            },
             client_header_timeout,
         };
         arbiter.spawn_fn(move || {
@@ -217,9 +216,7 @@ struct Worker {
     socket: std::net::TcpListener,
     state: watch::Receiver<Accepting>,
     front: Arc<Front>,
-    shared: web::Data<Shared>,
-    info: ListenerInfo,
-    upstream_tls: Arc<rustls::ClientConfig>,
+    upgrade: UpgradeContext,
     client_header_timeout: Duration,
 }
 
@@ -227,7 +224,7 @@ impl Worker {
     /// Accepts until the listener is closed; each connection is served by a task of its own
     /// on this worker.
     async fn run(mut self) {
-        let name = Arc::clone(&self.info.name);
+        let name = Arc::clone(&self.upgrade.listener.name);
         let listener = match tokio::net::TcpListener::from_std(self.socket) {
             Ok(listener) => listener,
             Err(err) => {
@@ -235,11 +232,7 @@ impl Worker {
                 return;
             }
         };
-        let upgrade = Rc::new(UpgradeContext {
-            shared: self.shared.clone(),
-            listener: self.info.clone(),
-            upstream_tls: Arc::clone(&self.upstream_tls),
-        });
+        let upgrade = Rc::new(self.upgrade);
         let header_timeout = self.client_header_timeout;
         let service = match http_service(header_timeout, &upgrade).new_service(()).await {
             Ok(service) => Rc::new(service),

@@ -315,11 +315,12 @@ impl Supervisor {
             }
         }
         let Some(workers) = &self.workers else {
+            // Shutting down (a SIGHUP can still arrive): nothing new is served any more.
             return Ok(());
         };
-        if new.gateway.workers != workers.len() {
+        if new.gateway.workers != workers.count() {
             tracing::warn!(
-                running = workers.len(),
+                running = workers.count(),
                 configured = new.gateway.workers,
                 "[gateway] workers changes at the next restart"
             );

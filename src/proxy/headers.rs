@@ -48,23 +48,35 @@ pub struct Forwarded<'a> {
     pub host_override: Option<&'a str>,
 }
 
-/// The tokens of the request's `Connection` headers: headers named there are hop-by-hop.
-fn connection_tokens(headers: &HeaderMap) -> Vec<&str> {
-    headers
-        .get_all(header::CONNECTION)
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+/// The tokens of a message's `Connection` header values: the headers they name are
+/// hop-by-hop for that message.
+fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<&'a [u8]> {
+    values
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
         .collect()
 }
 
-fn is_hop_by_hop(name: &HeaderName, connection_tokens: &[&str]) -> bool {
-    HOP_BY_HOP.contains(name)
-        || *name == KEEP_ALIVE
-        || *name == PROXY_CONNECTION
+/// The one rule for both directions: hop-by-hop headers (the fixed ones and those the
+/// message's `Connection` names) and the per-leg WebSocket headers stop at the gateway.
+/// Case-insensitive, so it serves parsed heads (any case) and header maps alike.
+fn stops_here(name: &str, connection_tokens: &[&[u8]]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .chain(&WEBSOCKET_PER_LEG)
+        .chain([&KEEP_ALIVE, &PROXY_CONNECTION])
+        .any(|h| h.as_str().eq_ignore_ascii_case(name))
         || connection_tokens
             .iter()
-            .any(|token| token.eq_ignore_ascii_case(name.as_str()))
+            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// Appends `name: value\r\n` to a head being written.
+pub fn put_header(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    head.extend_from_slice(name);
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
 }
 
 /// An address as forwarding headers write it (an IPv4-mapped IPv6 address as IPv4).
@@ -104,13 +116,9 @@ impl HeaderSink for HeaderMap {
     }
 }
 
-/// `name: value\r\n` per header.
 impl HeaderSink for Vec<u8> {
     fn put(&mut self, name: &HeaderName, value: &HeaderValue) {
-        self.extend_from_slice(name.as_str().as_bytes());
-        self.extend_from_slice(b": ");
-        self.extend_from_slice(value.as_bytes());
-        self.extend_from_slice(b"\r\n");
+        put_header(self, name.as_str().as_bytes(), value.as_bytes());
     }
 }
 
@@ -124,10 +132,13 @@ pub fn to_backend(incoming: &HeaderMap, fwd: &Forwarded<'_>) -> HeaderMap {
 /// Puts the headers to send to the backend into `out`: the client's end-to-end headers,
 /// then Host and the forwarding headers. Returns whether a Host header was put.
 pub fn forward(incoming: &HeaderMap, fwd: &Forwarded<'_>, out: &mut impl HeaderSink) -> bool {
-    let tokens = connection_tokens(incoming);
+    let tokens = connection_tokens(
+        incoming
+            .get_all(header::CONNECTION)
+            .map(HeaderValue::as_bytes),
+    );
     for (name, value) in incoming.iter() {
-        if is_hop_by_hop(name, &tokens)
-            || WEBSOCKET_PER_LEG.contains(name)
+        if stops_here(name.as_str(), &tokens)
             || *name == header::HOST
             || *name == X_FORWARDED_FOR
             || *name == X_REAL_IP
@@ -173,43 +184,30 @@ pub fn forward(incoming: &HeaderMap, fwd: &Forwarded<'_>, out: &mut impl HeaderS
 
 /// Copies a backend response's end-to-end headers into `out` (the client's response).
 pub fn to_client(backend: &HeaderMap, out: &mut HeaderMap) {
-    let pairs: Vec<_> = backend
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_bytes()))
-        .collect();
-    for (name, value) in end_to_end(pairs.iter().copied()) {
-        // Both came from a valid header map, so they parse again.
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(value),
-        ) {
-            out.append(name, value);
+    let tokens = connection_tokens(
+        backend
+            .get_all(header::CONNECTION)
+            .map(HeaderValue::as_bytes),
+    );
+    for (name, value) in backend.iter() {
+        if !stops_here(name.as_str(), &tokens) {
+            out.append(name.clone(), value.clone());
         }
     }
 }
 
-/// The end-to-end headers of a backend's answer given as raw `(name, value)` pairs, for
-/// a head parsed without building a header map (and, through [`to_client`], for one with).
+/// The end-to-end headers of a backend's answer given as raw `(name, value)` pairs (a
+/// head parsed without building a header map); the rule of [`to_client`].
 pub fn end_to_end<'a>(
     pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
 ) -> impl Iterator<Item = (&'a str, &'a [u8])> {
-    let listed: Vec<&[u8]> = pairs
-        .clone()
-        .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
-        .flat_map(|(_, value)| value.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .collect();
-    pairs.filter(move |(name, _)| {
-        let stopped = HOP_BY_HOP
-            .iter()
-            .chain(&WEBSOCKET_PER_LEG)
-            .chain([&KEEP_ALIVE, &PROXY_CONNECTION])
-            .any(|h| h.as_str().eq_ignore_ascii_case(name));
-        !stopped
-            && !listed
-                .iter()
-                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
-    })
+    let tokens = connection_tokens(
+        pairs
+            .clone()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+            .map(|(_, value)| value),
+    );
+    pairs.filter(move |(name, _)| !stops_here(name, &tokens))
 }
 
 #[cfg(test)]

@@ -255,9 +255,7 @@ fn upgrade_request(path: &str, host: Option<&str>, forwarded: &[u8], key: &[u8])
     request.extend_from_slice(path.as_bytes());
     request.extend_from_slice(b" HTTP/1.1\r\n");
     if let Some(host) = host {
-        request.extend_from_slice(b"host: ");
-        request.extend_from_slice(host.as_bytes());
-        request.extend_from_slice(b"\r\n");
+        headers::put_header(&mut request, b"host", host.as_bytes());
     }
     request.extend_from_slice(forwarded);
     request.extend_from_slice(
@@ -387,18 +385,14 @@ fn read_answer(buf: &[u8], accept_key: &[u8]) -> Result<Option<ParsedAnswer>, Di
     }
     let mut response = Vec::with_capacity(256);
     response.extend_from_slice(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
     );
-    response.extend_from_slice(accept_key);
-    response.extend_from_slice(b"\r\n");
+    headers::put_header(&mut response, b"Sec-WebSocket-Accept", accept_key);
     // The backend's subprotocol choice, cookies and other end-to-end headers reach the
     // client; the per-leg WebSocket headers do not.
     let pairs = answer.headers.iter().map(|h| (h.name, h.value));
     for (name, value) in headers::end_to_end(pairs) {
-        response.extend_from_slice(name.as_bytes());
-        response.extend_from_slice(b": ");
-        response.extend_from_slice(value);
-        response.extend_from_slice(b"\r\n");
+        headers::put_header(&mut response, name.as_bytes(), value);
     }
     response.extend_from_slice(b"\r\n");
     Ok(Some(ParsedAnswer {
