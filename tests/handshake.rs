@@ -248,3 +248,97 @@ async fn an_upgrade_after_a_plain_request_on_the_same_connection_is_tunnelled() 
     assert_eq!(next_data(&mut ws).await, Message::text("after keep-alive"));
     assert_eq!(backend.handshakes(), 1);
 }
+
+/// A backend that reads one request head and answers it with `answer` (then closes).
+async fn raw_backend(answer: Vec<u8>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(&answer).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_upgrade_answers_are_502_with_the_reason() {
+    let closes = raw_backend(Vec::new()).await;
+    let wrong_accept = raw_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Accept: not-the-right-one=\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    let mut huge = b"HTTP/1.1 101 Switching Protocols\r\nX-Big: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 40 * 1024));
+    let huge = raw_backend(huge).await;
+    for (backend, reason) in [
+        (closes, "closed the connection before answering"),
+        (wrong_accept, "Sec-WebSocket-Accept"),
+        (huge, "larger than 32768 bytes"),
+    ] {
+        let gw = gateway(&simple_config(1, ""), &[backend]);
+        let (status, body) = refused_status(&format!("ws://{}/", addr(&gw))).await;
+        assert_eq!(status, 502, "{reason}: {body}");
+        assert!(body.contains(reason), "{reason}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_upgrade_head_later_on_a_keep_alive_connection_never_reaches_the_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(
+        r#"
+        [gateway]
+        workers = 1
+        [[listener]]
+        name = "test"
+        bind = "127.0.0.1:0"
+        [[route]]
+        host = "ws.test"
+        path = "/"
+        upstream = "u"
+        [upstream.u]
+        servers = ["{BACKEND_1}"]
+        "#,
+        &[backend.addr],
+    );
+    let mut stream = tokio::net::TcpStream::connect(addr(&gw)).await.unwrap();
+    stream
+        .write_all(b"GET /page HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut stream).await.starts_with("HTTP/1.1 404"));
+    // Whichever layer stops it (actix-http's read limit or the proxy's own check), a head
+    // over 32 KiB is answered 431 or cut, and the backend never sees it.
+    let head = format!(
+        "GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40 * 1024)
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the connection is ended");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    assert_eq!(backend.handshakes(), 0);
+}

@@ -217,4 +217,23 @@ mod tests {
             }
         }
     }
+
+    #[tokio::test]
+    async fn replay_gives_the_bytes_read_first_in_any_read_size_then_the_connection() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut replay = Replay::new(Bytes::from_static(b"GET / HTT"), Box::new(near));
+        far.write_all(b"P/1.1\r\n\r\n").await.unwrap();
+        drop(far);
+        let mut got = Vec::new();
+        let mut small = [0u8; 4];
+        loop {
+            let n = replay.read(&mut small).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&small[..n]);
+        }
+        assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
+    }
 }

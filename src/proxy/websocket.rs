@@ -430,3 +430,63 @@ fn refusal(err: &ProxyError) -> Vec<u8> {
     response.extend_from_slice(body.as_bytes());
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 6455 §1.3's example key and its accept value.
+    const ACCEPT: &[u8] = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+    fn answer(head: &str) -> Result<Option<ParsedAnswer>, DialError> {
+        read_answer(head.as_bytes(), ACCEPT)
+    }
+
+    #[test]
+    fn a_good_answer_becomes_the_clients_101_with_end_to_end_headers() {
+        let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\n\
+                    Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\
+                    Sec-WebSocket-Extensions: permessage-deflate\r\nX-Hop: 1\r\nSet-Cookie: a=1\r\n\r\n";
+        let mut bytes = head.as_bytes().to_vec();
+        bytes.extend_from_slice(b"\x81\x00");
+        let parsed = read_answer(&bytes, ACCEPT).unwrap().unwrap();
+        assert_eq!(
+            parsed.head_len,
+            head.len(),
+            "the frame after the head is not part of it"
+        );
+        let response = String::from_utf8(parsed.client_response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
+        assert!(response.ends_with("\r\n\r\n"));
+        assert!(response.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(response.contains("Sec-WebSocket-Protocol: chat\r\n"));
+        assert!(response.contains("Set-Cookie: a=1\r\n"));
+        for gone in ["Extensions", "X-Hop", "Upgrade, X-Hop"] {
+            assert!(
+                !response.contains(gone),
+                "{gone} reached the client: {response}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_answers_fail_the_server_and_refusals_keep_their_status() {
+        assert!(matches!(answer("HTTP/1.1 101 Switching"), Ok(None)));
+        assert!(matches!(
+            answer("HTTP/1.1 403 Forbidden\r\n\r\n"),
+            Err(DialError::Refused(StatusCode::FORBIDDEN))
+        ));
+        assert!(matches!(
+            answer("HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"),
+            Err(DialError::Failed(_))
+        ));
+        assert!(matches!(
+            answer("HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: wrong=\r\n\r\n"),
+            Err(DialError::Failed(_))
+        ));
+        assert!(matches!(
+            answer("NOT HTTP\r\n\r\n"),
+            Err(DialError::Failed(_))
+        ));
+    }
+}
