@@ -200,11 +200,12 @@ async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
     head
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgrade_after_a_plain_request_on_the_same_connection_is_tunnelled() {
+/// A gateway routing host `ws.test` to `backend`, and a connection to it whose first
+/// request was plain HTTP (a 404 for another host), so actix-http serves what follows.
+async fn after_a_plain_request(
+    backend: &WsBackend,
+) -> (wsgate::GatewayThread, tokio::net::TcpStream) {
     use tokio::io::AsyncWriteExt;
-    use tokio_tungstenite::tungstenite::protocol::Role;
-    let backend = WsBackend::start("b", Behavior::Echo).await;
     let gw = gateway(
         r#"
         [gateway]
@@ -222,13 +223,21 @@ async fn an_upgrade_after_a_plain_request_on_the_same_connection_is_tunnelled() 
         &[backend.addr],
     );
     let mut stream = tokio::net::TcpStream::connect(addr(&gw)).await.unwrap();
-    // The first request is plain HTTP (actix-http serves the connection from here on).
     stream
         .write_all(b"GET /page HTTP/1.1\r\nHost: other.test\r\n\r\n")
         .await
         .unwrap();
     let head = read_response(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    (gw, stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_after_a_plain_request_on_the_same_connection_is_tunnelled() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let (_gw, mut stream) = after_a_plain_request(&backend).await;
     stream
         .write_all(
             b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -301,28 +310,7 @@ async fn broken_upgrade_answers_are_502_with_the_reason() {
 async fn a_huge_upgrade_head_later_on_a_keep_alive_connection_never_reaches_the_backend() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = WsBackend::start("b", Behavior::Echo).await;
-    let gw = gateway(
-        r#"
-        [gateway]
-        workers = 1
-        [[listener]]
-        name = "test"
-        bind = "127.0.0.1:0"
-        [[route]]
-        host = "ws.test"
-        path = "/"
-        upstream = "u"
-        [upstream.u]
-        servers = ["{BACKEND_1}"]
-        "#,
-        &[backend.addr],
-    );
-    let mut stream = tokio::net::TcpStream::connect(addr(&gw)).await.unwrap();
-    stream
-        .write_all(b"GET /page HTTP/1.1\r\nHost: other.test\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(read_response(&mut stream).await.starts_with("HTTP/1.1 404"));
+    let (_gw, mut stream) = after_a_plain_request(&backend).await;
     // Whichever layer stops it (actix-http's read limit or the proxy's own check), a head
     // over 32 KiB is answered 431 or cut, and the backend never sees it.
     let head = format!(
