@@ -17,8 +17,12 @@ use crate::config::{HealthCheck, Probe};
 use crate::pool::Server;
 use crate::proxy::Shared;
 
-/// How often the checker looks for servers whose probe is due.
+/// The checker's resolution: a probe runs at most this late.
 const TICK: Duration = Duration::from_millis(50);
+
+/// How long the checker sleeps while no upstream has a health check: a reload that adds
+/// one is picked up within this time, and an idle gateway does not wake 20 times a second.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// Probes one server once.
 pub async fn probe(server: &Server, check: &HealthCheck) -> bool {
@@ -64,14 +68,17 @@ pub async fn probe(server: &Server, check: &HealthCheck) -> bool {
 /// Runs until the actix system stops.
 pub async fn run(shared: web::Data<Shared>) {
     let mut next: HashMap<(String, String), Instant> = HashMap::new();
+    let mut pause = TICK;
     loop {
-        tokio::time::sleep(TICK).await;
+        tokio::time::sleep(pause).await;
         let snapshot = shared.snapshot.load_full();
         let now = Instant::now();
+        pause = IDLE_TICK;
         for (name, pool) in &snapshot.pools {
             let Some(check) = pool.config.health_check.clone() else {
                 continue;
             };
+            pause = TICK;
             for server in &pool.servers {
                 let key = (name.clone(), server.config.addr.clone());
                 let due = next.entry(key).or_insert(now);

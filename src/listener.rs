@@ -261,12 +261,12 @@ impl Worker {
                     }
                 }
                 accepted = listener.accept() => match accepted {
-                    Ok((io, _)) => {
+                    Ok((io, peer)) => {
                         let front = Arc::clone(&self.front);
                         let service = Rc::clone(&service);
                         let upgrade = Rc::clone(&upgrade);
                         actix_rt::spawn(async move {
-                            let Ok((mut io, peer)) = front.accept(io).await else {
+                            let Ok((mut io, peer)) = front.accept(io, peer).await else {
                                 return;
                             };
                             match first_request::read(&mut io, peer, header_timeout).await {
@@ -316,16 +316,20 @@ struct Front {
 
 impl Front {
     /// Nagle off (relayed small frames must not wait for a delayed ACK), the PROXY header
-    /// read and checked, TLS terminated; returns the stream and the client's address.
+    /// read and checked, TLS terminated; returns the stream and the client's address
+    /// (`peer` as accept gave it, or the one a trusted PROXY header names).
     async fn accept(
         &self,
         io: TcpStream,
+        peer: SocketAddr,
     ) -> Result<(Box<dyn Io>, Option<SocketAddr>), DispatchError> {
         let _ = io.set_nodelay(true);
-        let mut peer = io.peer_addr().ok();
+        let mut peer = peer;
         let io: Box<dyn Io> = if self.proxy_protocol {
-            let trusted =
-                peer.is_some_and(|p| self.trusted_proxies.iter().any(|net| net.contains(&p.ip())));
+            let trusted = self
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&peer.ip()));
             if !trusted {
                 self.shared.metrics.proxy_protocol_refused.inc();
                 tracing::debug!(peer = ?peer, "PROXY protocol from an untrusted address: refused");
@@ -350,17 +354,17 @@ impl Front {
                 }
             };
             if let Some(addr) = stream.proxy_header().proxied_address() {
-                peer = Some(addr.source);
+                peer = addr.source;
             }
             Box::new(stream)
         } else {
             Box::new(io)
         };
         let Some(acceptor) = &self.acceptor else {
-            return Ok((io, peer));
+            return Ok((io, Some(peer)));
         };
         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-            Ok(Ok(tls)) => Ok((Box::new(tls), peer)),
+            Ok(Ok(tls)) => Ok((Box::new(tls), Some(peer))),
             Ok(Err(err)) => {
                 self.shared.metrics.tls_failures.inc();
                 Err(DispatchError::Io(err))
