@@ -274,7 +274,11 @@ impl Worker {
                                     websocket::upgrade(request, io, early, &upgrade).await;
                                 }
                                 FirstRequest::Http(read) => {
-                                    let _ = service.call((Replay::new(read, io), peer)).await;
+                                    // Boxed, like every rarer branch here: the task's
+                                    // future is as large as its largest branch, and it is
+                                    // moved into place on every connection.
+                                    let serving = service.call((Replay::new(read, io), peer));
+                                    let _ = Box::pin(serving).await;
                                 }
                                 FirstRequest::Done => {}
                             }
@@ -363,7 +367,9 @@ impl Front {
         let Some(acceptor) = &self.acceptor else {
             return Ok((io, Some(peer)));
         };
-        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+        // Boxed: a TLS handshake's state would otherwise enlarge every connection's task.
+        let handshake = Box::pin(acceptor.accept(io));
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(tls)) => Ok((Box::new(tls), Some(peer))),
             Ok(Err(err)) => {
                 self.shared.metrics.tls_failures.inc();

@@ -300,8 +300,10 @@ async fn dial(
         let mut io: Box<dyn Io> = if server.config.tls {
             let name = rustls_pki_types::ServerName::try_from(server.config.host.clone())
                 .map_err(|err| DialError::Failed(format!("TLS server name: {err}")))?;
-            let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
-                .connect(name, tcp)
+            // Boxed: a TLS handshake's state is large, and inline it would make every
+            // plain dial's future (moved into place on each handshake) as large.
+            let connecting = tokio_rustls::TlsConnector::from(Arc::clone(tls)).connect(name, tcp);
+            let stream = Box::pin(connecting)
                 .await
                 .map_err(|err| DialError::Failed(format!("TLS: {err}")))?;
             Box::new(stream)
