@@ -1,4 +1,5 @@
-//! The binary as an operator runs it: `check`, `run`, `--version`, and SIGTERM.
+//! The binary as an operator runs it: `check`, `run`, `--version`, SIGTERM, and a process
+//! that runs out of file descriptors.
 
 mod common;
 
@@ -182,4 +183,117 @@ async fn sigterm_sends_500_clients_1001_spread_over_shutdown_spread_then_exits_0
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "{exit:?}");
+}
+
+/// The open file descriptors of a process numbered below `limit` (one inherited from the
+/// test runner may sit above it and does not use up a number the process can open).
+fn open_fds(pid: u32, limit: usize) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<usize>().ok())
+        .filter(|&fd| fd < limit)
+        .count()
+}
+
+/// Opens idle TCP connections to `port` until process `pid` holds `target` descriptors
+/// (each one the gateway accepts costs it one while it waits for a request head).
+async fn fill_fds(
+    pid: u32,
+    limit: usize,
+    port: u16,
+    target: usize,
+    idle: &mut Vec<tokio::net::TcpStream>,
+) {
+    for _ in 0..target {
+        let before = open_fds(pid, limit);
+        if before >= target {
+            break;
+        }
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+        let deadline = Instant::now() + STEP;
+        while open_fds(pid, limit) == before {
+            assert!(Instant::now() < deadline, "the gateway did not accept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(open_fds(pid, limit), target);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_is_a_503_and_a_pause_not_a_fault_of_the_backend() {
+    const LIMIT: usize = 64;
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    // max_fails = 1 (the default): a backend blamed once would be out for 10 s.
+    let path = write_config(
+        &dir,
+        &format!(
+            "[gateway]\nworkers = 1\nclient_header_timeout = \"60s\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\
+             [[route]]\nupstream = \"u\"\n[upstream.u]\nservers = [\"{}\"]\n",
+            backend.addr
+        ),
+    );
+    let log_path = dir.path().join("stderr.log");
+    // bash lowers the open-file limit, then becomes the gateway (same pid).
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(format!("ulimit -n {LIMIT} && exec \"$0\" run -c \"$1\""))
+        .arg(BIN)
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + STEP;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("ws://127.0.0.1:{port}/");
+    let mut tunnel = connect(&url).await;
+    assert_eq!(whoami(&mut tunnel).await, "b");
+
+    // One descriptor left: the client's connection is accepted, the backend's cannot be
+    // opened. The client is told to retry; the backend is not blamed.
+    let mut idle = Vec::new();
+    fill_fds(pid, LIMIT, port, LIMIT - 1, &mut idle).await;
+    let (status, body) = refused_status(&url).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("Too many open files"), "{body}");
+
+    // None left: accepting fails, the gateway pauses and tries again; a client waits in
+    // the queue and is served once descriptors are free.
+    fill_fds(pid, LIMIT, port, LIMIT, &mut idle).await;
+    let waiting = tokio::spawn({
+        let url = url.clone();
+        async move { tokio_tungstenite::connect_async(url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "served although no descriptor was free"
+    );
+    drop(idle);
+    let (mut served, _) = tokio::time::timeout(STEP, waiting)
+        .await
+        .expect("the queued client is served once descriptors are free")
+        .unwrap()
+        .expect("handshake");
+    assert_eq!(whoami(&mut served).await, "b");
+    // The backend was never taken out of rotation, and the first tunnel lived on.
+    let mut fresh = connect(&url).await;
+    assert_eq!(whoami(&mut fresh).await, "b");
+    assert_eq!(whoami(&mut tunnel).await, "b");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("accept failed"), "{log}");
+    assert!(log.contains("out of resources"), "{log}");
 }

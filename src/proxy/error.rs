@@ -25,6 +25,8 @@ pub enum ProxyError {
     Redirect(String),
     #[error("too many open connections ({0}), try again shortly")]
     Busy(&'static str),
+    #[error("the gateway cannot open a backend connection now ({0}), try again shortly")]
+    Exhausted(String),
     #[error("too many open connections from your address, try again shortly")]
     TooManyFromAddress,
     #[error("origin {0:?} may not open a WebSocket here")]
@@ -47,7 +49,9 @@ impl ProxyError {
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Refused(_) => "upstream_refused",
             ProxyError::Redirect(_) => "redirected",
-            ProxyError::Busy(_) | ProxyError::TooManyFromAddress => "limited",
+            ProxyError::Busy(_) | ProxyError::TooManyFromAddress | ProxyError::Exhausted(_) => {
+                "limited"
+            }
             ProxyError::OriginNotAllowed(_) => "forbidden_origin",
         }
     }
@@ -85,7 +89,9 @@ impl ResponseError for ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Refused(status) => *status,
             ProxyError::Redirect(_) => StatusCode::PERMANENT_REDIRECT,
-            ProxyError::Busy(_) | ProxyError::NoHealthyServer(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Busy(_) | ProxyError::NoHealthyServer(_) | ProxyError::Exhausted(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::TooManyFromAddress => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
         }

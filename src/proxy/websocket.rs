@@ -53,6 +53,9 @@ enum DialError {
     Failed(String),
     /// The backend answered the upgrade with a non-101 status: the client gets it as-is.
     Refused(StatusCode),
+    /// The gateway itself could not open a connection (out of file descriptors, memory or
+    /// local ports): no fault of the server, and every other server would fail alike.
+    Local(String),
 }
 
 /// actix-http's upgrade service, for an upgrade that follows other requests on a
@@ -201,6 +204,11 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
                 tracing::info!(server = %server.config, %status, "backend refused the upgrade");
                 return Err(ProxyError::Refused(status));
             }
+            Err(DialError::Local(detail)) => {
+                tracing::warn!(route = %route.label, server = %server.config, error = %detail,
+                    "cannot open a backend connection: the gateway is out of resources");
+                return Err(ProxyError::Exhausted(detail));
+            }
             Err(err) => {
                 server.record_failure(upstream_config.max_fails, upstream_config.fail_timeout);
                 tracing::warn!(route = %route.label, server = %server.config, error = ?err,
@@ -291,6 +299,9 @@ async fn dial(
                     settings.connect_timeout
                 )));
             }
+            Ok(Err(err)) if is_local_exhaustion(&err) => {
+                return Err(DialError::Local(format!("connect: {err}")));
+            }
             Ok(Err(err)) => return Err(DialError::Failed(format!("connect: {err}"))),
             Ok(Ok(tcp)) => tcp,
         };
@@ -346,6 +357,15 @@ async fn dial(
         ))),
         Ok(result) => result,
     }
+}
+
+/// Errors of connecting that say the gateway ran out of something, not that the server is
+/// unreachable (nginx, likewise, does not hold a failed `socket()` against the peer).
+fn is_local_exhaustion(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// A complete 101 answer: how long its head is and the client's response made from it.
@@ -415,9 +435,10 @@ fn refusal(err: &ProxyError) -> Vec<u8> {
     );
     match err {
         ProxyError::Redirect(location) => head.push_str(&format!("Location: {location}\r\n")),
-        ProxyError::Busy(_) | ProxyError::TooManyFromAddress | ProxyError::NoHealthyServer(_) => {
-            head.push_str("Retry-After: 1\r\n")
-        }
+        ProxyError::Busy(_)
+        | ProxyError::TooManyFromAddress
+        | ProxyError::NoHealthyServer(_)
+        | ProxyError::Exhausted(_) => head.push_str("Retry-After: 1\r\n"),
         _ => {}
     }
     if matches!(
