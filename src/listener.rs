@@ -79,6 +79,9 @@ pub struct RunningListener {
     /// A TLS listener's certificates, reloadable in place.
     pub tls: Option<Arc<CertResolver>>,
     accepting: watch::Sender<Accepting>,
+    /// The listening socket (each worker has its own handle on it): kept so that new
+    /// settings can be served on it without a moment with no socket listening.
+    socket: std::net::TcpListener,
 }
 
 impl RunningListener {
@@ -87,9 +90,26 @@ impl RunningListener {
         self.accepting.send_replace(Accepting::Paused);
     }
 
-    /// Closes the socket; tunnels and requests already accepted carry on.
+    /// Closes the socket (once this listener is dropped too); tunnels and requests
+    /// already accepted carry on.
     pub fn close(&self) {
         self.accepting.send_replace(Accepting::Closed);
+    }
+
+    /// The same socket, to be served with `config`'s settings (same name and address):
+    /// serving it starts new workers' accept loops, and dropping this listener then ends
+    /// the old ones. Connections waiting in the queue meanwhile are taken by either.
+    pub fn reuse(&self, config: &ListenerConfig) -> Result<BoundSocket, BindError> {
+        let socket = self.socket.try_clone().map_err(|source| BindError {
+            name: config.name.clone(),
+            bind: config.bind,
+            source,
+        })?;
+        Ok(BoundSocket {
+            config: config.clone(),
+            socket,
+            local_addr: self.local_addr,
+        })
     }
 }
 
@@ -208,6 +228,7 @@ pub fn serve(
         local_addr,
         tls,
         accepting,
+        socket,
     })
 }
 

@@ -96,10 +96,6 @@ pub enum StartError {
     Tls { name: String, source: tls::TlsError },
     #[error("cannot start the gateway thread: {0}")]
     Thread(String),
-    #[error(
-        "listener {name:?}: turning TLS on or off or changing redirect_https on a bound listener needs a new listener (another name or address) or a restart"
-    )]
-    NeedsRestart { name: String },
 }
 
 /// A listener as bound, for callers that asked for port 0.
@@ -274,19 +270,24 @@ impl Supervisor {
     }
 
     /// Binds what is new, then publishes the snapshot, then retires what is gone. Only
-    /// binding can fail, and it happens before anything changes.
+    /// binding (and loading certificates) can fail, and it happens before anything changes.
     fn apply(&mut self, new: &Arc<Config>, changes: &[Change]) -> Result<(), StartError> {
+        // A listener whose settings change keeps its socket: it is served again with the
+        // new settings (TLS on or off, PROXY protocol, trusted sources, redirect, the
+        // header timeout), and connections already accepted keep the old ones.
+        let header_timeout_changed =
+            self.config.gateway.client_header_timeout != new.gateway.client_header_timeout;
+        let mut reserved = Vec::new();
         for l in &new.listeners {
-            if let Some(old) = self
+            let Some(running) = self
                 .listeners
                 .iter()
                 .find(|o| o.config.name == l.name && o.config.bind == l.bind)
-                && (old.config.tls.is_some() != l.tls.is_some()
-                    || old.config.redirect_https != l.redirect_https)
-            {
-                return Err(StartError::NeedsRestart {
-                    name: l.name.clone(),
-                });
+            else {
+                continue;
+            };
+            if running.config != *l || header_timeout_changed {
+                reserved.push((running.reuse(l)?, certificates(l)?));
             }
         }
         let mut bound = Vec::new();
@@ -325,6 +326,13 @@ impl Supervisor {
                 "[gateway] workers changes at the next restart"
             );
         }
+        if new.gateway.admin != self.config.gateway.admin {
+            tracing::warn!(
+                running = ?self.config.gateway.admin,
+                configured = ?new.gateway.admin,
+                "[gateway] admin changes at the next restart"
+            );
+        }
         for (socket, tls) in bound {
             // The socket is bound; serving it only fails if it cannot be shared with a worker.
             let running = listener::serve(
@@ -337,6 +345,26 @@ impl Supervisor {
             )?;
             tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
             self.listeners.push(running);
+        }
+        for (socket, tls) in reserved {
+            let running = listener::serve(
+                socket,
+                workers,
+                self.shared.clone(),
+                Arc::clone(&self.upstream_tls),
+                tls,
+                new.gateway.client_header_timeout,
+            )?;
+            tracing::info!(listener = %running.config.name, addr = %running.local_addr,
+                tls = running.tls.is_some(), "listener serves new settings");
+            // Dropping the old one ends its workers' accept loops; the socket stays open.
+            if let Some(old) = self
+                .listeners
+                .iter_mut()
+                .find(|o| o.config.name == running.config.name)
+            {
+                *old = running;
+            }
         }
         Ok(())
     }

@@ -197,3 +197,50 @@ async fn x_forwarded_for_from_a_trusted_l7_balancer_names_the_client() {
         Some("198.51.100.4, 127.0.0.1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_trusted_proxies_applies_to_the_next_connection() {
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let text = |trusted: &str| {
+        config(
+            &format!("name = \"edge\"\nproxy_protocol = true\ntrusted_proxies = [\"{trusted}\"]"),
+            "round_robin",
+            1,
+        )
+        .replace("{BACKEND_1}", &backend.addr.to_string())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text("10.0.0.0/8")).unwrap();
+    let config = wsgate::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let gw = wsgate::GatewayThread::spawn_watching(config, Some(path.clone())).unwrap();
+    let edge = gw.addr("edge").unwrap();
+    let header = v1(Ipv4Addr::new(203, 0, 113, 7), 5555);
+    assert!(
+        connect_with(edge, &header).await.is_err(),
+        "untrusted at first"
+    );
+
+    // The balancer's address is added to the file: the same socket now takes its header.
+    std::fs::write(&path, text("127.0.0.0/8")).unwrap();
+    let started = std::time::Instant::now();
+    let mut ws = loop {
+        if let Ok(ws) = connect_with(edge, &header).await {
+            break ws;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "trusted_proxies not applied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(whoami(&mut ws).await, "b");
+    assert_eq!(
+        backend
+            .last()
+            .headers
+            .get("x-forwarded-for")
+            .map(String::as_str),
+        Some("203.0.113.7")
+    );
+}

@@ -339,3 +339,106 @@ async fn upstream_wss_is_verified_against_the_configured_ca() {
     let (status, body) = refused_status(&format!("ws://{addr}/bad/x")).await;
     assert_eq!(status, 502, "{body}");
 }
+
+/// Waits (at most 3 s) until `attempt` succeeds; returns its result.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(done) = attempt().await {
+            return done;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_tls_on_and_off_on_the_same_socket_and_open_tunnels_carry_on() {
+    let pki = Pki::new();
+    pki.leaf("a", &["a.test"]);
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let plain = format!(
+        "[gateway]\nworkers = 2\n[[listener]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\n\
+         [[route]]\nupstream = \"u\"\n[upstream.u]\nservers = [\"{}\"]\n",
+        backend.addr
+    );
+    let with_tls = plain.replace(
+        "bind = \"127.0.0.1:0\"\n",
+        "bind = \"127.0.0.1:0\"\ntls = { cert = \"a.pem\", key = \"a.key\" }\n",
+    );
+    let path = pki.path("config.toml");
+    std::fs::write(&path, &plain).unwrap();
+    let gw = start(&path);
+    let addr = gw.addr("edge").unwrap();
+    let url = format!("ws://{addr}/");
+    let mut plain_tunnel = connect(&url).await;
+    let write = |text: &str| {
+        let tmp = pki.path("config.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+
+    // TLS on, same port: a TLS client gets through, a plain one no longer does.
+    write(&with_tls);
+    let mut wss = eventually("TLS is served after the reload", || async {
+        let connector = tokio_rustls::TlsConnector::from(pki.client_config());
+        let tcp = TcpStream::connect(addr).await.ok()?;
+        let name = ServerName::try_from("a.test").unwrap();
+        let stream = tokio::time::timeout(Duration::from_secs(1), connector.connect(name, tcp))
+            .await
+            .ok()?
+            .ok()?;
+        let (ws, _) = tokio_tungstenite::client_async("wss://a.test/", stream)
+            .await
+            .ok()?;
+        Some(ws)
+    })
+    .await;
+    wss.send(Message::text("over tls")).await.unwrap();
+    assert_eq!(next_data(&mut wss).await, Message::text("over tls"));
+    assert_eq!(
+        backend
+            .last()
+            .headers
+            .get("x-forwarded-proto")
+            .map(String::as_str),
+        Some("https")
+    );
+    eventually("a plain client is refused", || async {
+        tokio::time::timeout(STEP, tokio_tungstenite::connect_async(&url))
+            .await
+            .expect("an answer in time")
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // The tunnel accepted before the change is still plain and still flows.
+    plain_tunnel.send(Message::text("plain")).await.unwrap();
+    assert_eq!(next_data(&mut plain_tunnel).await, Message::text("plain"));
+
+    // TLS off again: plain clients are served, the TLS tunnel carries on.
+    write(&plain);
+    let mut again = eventually("plain is served again", || async {
+        tokio::time::timeout(STEP, tokio_tungstenite::connect_async(&url))
+            .await
+            .ok()?
+            .ok()
+            .map(|(ws, _)| ws)
+    })
+    .await;
+    again.send(Message::text("plain again")).await.unwrap();
+    assert_eq!(next_data(&mut again).await, Message::text("plain again"));
+    assert_eq!(
+        backend
+            .last()
+            .headers
+            .get("x-forwarded-proto")
+            .map(String::as_str),
+        Some("http")
+    );
+    wss.send(Message::text("still tls")).await.unwrap();
+    assert_eq!(next_data(&mut wss).await, Message::text("still tls"));
+}

@@ -12,6 +12,9 @@ pub enum Change {
     ListenerRemoved(String),
     /// Same name, new address: the old socket closes, the new one opens.
     ListenerRebound(String),
+    /// Same name and address, other settings (TLS, PROXY protocol, trusted or real-IP
+    /// sources, redirect): the socket stays open, new connections get the new settings.
+    ListenerChanged(String),
     RouteAdded(String),
     RouteRemoved(String),
     /// Same host, path and listeners; another upstream, rewrite or setting.
@@ -28,7 +31,7 @@ pub enum Change {
     },
     /// Balance, weights or drain settings.
     UpstreamChanged(String),
-    /// `[gateway]` settings; they apply to listeners started after the change.
+    /// `[gateway]` settings: `workers` and `admin` at the next restart, the others at once.
     GatewayChanged,
 }
 
@@ -38,6 +41,7 @@ impl fmt::Display for Change {
             Change::ListenerAdded(n) => write!(f, "+listener {n}"),
             Change::ListenerRemoved(n) => write!(f, "-listener {n}"),
             Change::ListenerRebound(n) => write!(f, "~listener {n} (new address)"),
+            Change::ListenerChanged(n) => write!(f, "~listener {n}"),
             Change::RouteAdded(r) => write!(f, "+route {r}"),
             Change::RouteRemoved(r) => write!(f, "-route {r}"),
             Change::RouteChanged(r) => write!(f, "~route {r}"),
@@ -86,6 +90,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         match old.listeners.iter().find(|o| o.name == l.name) {
             None => changes.insert(Change::ListenerAdded(l.name.clone())),
             Some(o) if o.bind != l.bind => changes.insert(Change::ListenerRebound(l.name.clone())),
+            Some(o) if o != l => changes.insert(Change::ListenerChanged(l.name.clone())),
             Some(_) => false,
         };
     }
@@ -256,6 +261,16 @@ mod tests {
                 "move a listener",
                 Box::new(|b: &str| b.replace("127.0.0.1:8080", "127.0.0.1:8082")),
                 vec!["~listener public (new address)"],
+            ),
+            (
+                "accept the PROXY protocol on a listener",
+                Box::new(|b: &str| {
+                    b.replace(
+                        "bind = \"127.0.0.1:8080\"",
+                        "bind = \"127.0.0.1:8080\"\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]",
+                    )
+                }),
+                vec!["~listener public"],
             ),
             (
                 "rename a listener",
