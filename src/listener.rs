@@ -346,10 +346,9 @@ impl Front {
     async fn accept(
         &self,
         io: TcpStream,
-        peer: SocketAddr,
+        mut peer: SocketAddr,
     ) -> Result<(Box<dyn Io>, Option<SocketAddr>), DispatchError> {
         let _ = io.set_nodelay(true);
-        let mut peer = peer;
         let io: Box<dyn Io> = if self.proxy_protocol {
             let trusted = self
                 .trusted_proxies

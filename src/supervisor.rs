@@ -277,7 +277,7 @@ impl Supervisor {
         // header timeout), and connections already accepted keep the old ones.
         let header_timeout_changed =
             self.config.gateway.client_header_timeout != new.gateway.client_header_timeout;
-        let mut reserved = Vec::new();
+        let mut served_again = Vec::new();
         for l in &new.listeners {
             let Some(running) = self
                 .listeners
@@ -287,7 +287,7 @@ impl Supervisor {
                 continue;
             };
             if running.config != *l || header_timeout_changed {
-                reserved.push((running.reuse(l)?, certificates(l)?));
+                served_again.push((running.reuse(l)?, certificates(l)?));
             }
         }
         let mut bound = Vec::new();
@@ -346,7 +346,7 @@ impl Supervisor {
             tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
             self.listeners.push(running);
         }
-        for (socket, tls) in reserved {
+        for (socket, tls) in served_again {
             let running = listener::serve(
                 socket,
                 workers,
