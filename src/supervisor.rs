@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, AsyncContext, Context, Handler, Message, ResponseActFuture, WrapFuture};
+use actix_web::dev::ServerHandle;
 use actix_web::web;
 use sha2::{Digest, Sha256};
 
@@ -37,7 +38,7 @@ pub struct Supervisor {
     workers: Option<Workers>,
     upstream_tls: Arc<rustls::ClientConfig>,
     watcher: Option<actix::Addr<FileWatcher>>,
-    admin: Option<actix_web::dev::ServerHandle>,
+    admin: Option<ServerHandle>,
 }
 
 /// The client TLS settings of every upstream that has TLS servers.
@@ -85,6 +86,25 @@ fn certificates(l: &ListenerConfig) -> Result<Option<Arc<CertResolver>>, StartEr
             },
         )?))),
     }
+}
+
+/// Binds and starts the admin listener at `addr`, if one is configured; returns its handle
+/// and the address bound.
+fn start_admin(
+    addr: Option<SocketAddr>,
+    shared: &web::Data<Shared>,
+) -> Result<(Option<ServerHandle>, Option<SocketAddr>), StartError> {
+    let Some(addr) = addr else {
+        return Ok((None, None));
+    };
+    let (handle, bound) = crate::admin::start(addr, shared.clone()).map_err(|source| {
+        StartError::Bind(BindError {
+            name: "admin".into(),
+            bind: addr,
+            source,
+        })
+    })?;
+    Ok((Some(handle), Some(bound)))
 }
 
 /// Why the gateway could not start, or a reload could not be applied.
@@ -166,21 +186,10 @@ impl Supervisor {
         if let Some(watcher) = &watcher {
             watcher.do_send(WatchAlso(cert_files(&config)));
         }
-        let (admin, admin_addr) = match config.gateway.admin {
-            None => (None, None),
-            Some(addr) => {
-                let (handle, bound) =
-                    crate::admin::start(addr, shared.clone()).map_err(|source| {
-                        StartError::Bind(BindError {
-                            name: "admin".into(),
-                            bind: addr,
-                            source,
-                        })
-                    })?;
-                tracing::info!(addr = %bound, "admin listening");
-                (Some(handle), Some(bound))
-            }
-        };
+        let (admin, admin_addr) = start_admin(config.gateway.admin, &shared)?;
+        if let Some(addr) = admin_addr {
+            tracing::info!(addr = %addr, "admin listening");
+        }
         let supervisor = Supervisor {
             admin,
             config,
@@ -302,6 +311,13 @@ impl Supervisor {
             }
         }
         let tls = upstream_tls(new)?;
+        // A new admin address is bound last of all that can fail (a server once started has
+        // to be stopped); the old one closes once everything is applied.
+        let admin = if self.workers.is_some() && new.gateway.admin != self.config.gateway.admin {
+            Some(start_admin(new.gateway.admin, &self.shared)?)
+        } else {
+            None
+        };
         let generation = self.shared.generation() + 1;
         let previous = self.shared.snapshot.load_full();
         self.shared.snapshot.store(Arc::new(Snapshot::build(
@@ -315,6 +331,15 @@ impl Supervisor {
                 self.retire_if(|old| old.config.name == *name);
             }
         }
+        if let Some((handle, bound)) = admin {
+            if let Some(old) = std::mem::replace(&mut self.admin, handle) {
+                actix_rt::spawn(old.stop(true));
+            }
+            match bound {
+                Some(addr) => tracing::info!(addr = %addr, "admin listening"),
+                None => tracing::info!("admin listener closed"),
+            }
+        }
         let Some(workers) = &self.workers else {
             // Shutting down (a SIGHUP can still arrive): nothing new is served any more.
             return Ok(());
@@ -324,13 +349,6 @@ impl Supervisor {
                 running = workers.count(),
                 configured = new.gateway.workers,
                 "[gateway] workers changes at the next restart"
-            );
-        }
-        if new.gateway.admin != self.config.gateway.admin {
-            tracing::warn!(
-                running = ?self.config.gateway.admin,
-                configured = ?new.gateway.admin,
-                "[gateway] admin changes at the next restart"
             );
         }
         for (socket, tls) in bound {

@@ -461,3 +461,60 @@ async fn removed_server_tunnels_get_1012_after_drain_timeout_spread_over_drain_s
         assert_eq!(next_data(ws).await, Message::text("staying"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_follows_the_file() {
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let (first, second) = (free_port(), free_port());
+    let text = |admin: Option<u16>| {
+        let admin = admin.map_or(String::new(), |p| format!("admin = \"127.0.0.1:{p}\"\n"));
+        format!(
+            "[gateway]\n{admin}[[listener]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\n\
+             [[route]]\nupstream = \"u\"\n[upstream.u]\nservers = [\"{}\"]\n",
+            backend.addr
+        )
+    };
+    let healthz = |port: u16| async move {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(STEP, stream.read_to_end(&mut answer))
+            .await
+            .ok()?
+            .ok()?;
+        Some(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"))
+    };
+    let gw = Reloadable::start(&text(Some(first)));
+    assert_eq!(healthz(first).await, Some(true));
+    let main = gw.gw.addr("main").unwrap();
+    let mut tunnel = connect(&format!("ws://{main}/")).await;
+
+    // Moved: the new address answers, the old one is closed, the tunnel is untouched.
+    gw.write_by_rename(&text(Some(second)));
+    let started = Instant::now();
+    while healthz(second).await != Some(true) || healthz(first).await.is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the admin listener did not move"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Removed: nothing answers any more.
+    gw.write_by_rename(&text(None));
+    let started = Instant::now();
+    while healthz(second).await.is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the admin listener was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tunnel.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next_data(&mut tunnel).await, Message::text("still here"));
+}

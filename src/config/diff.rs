@@ -31,7 +31,7 @@ pub enum Change {
     },
     /// Balance, weights or drain settings.
     UpstreamChanged(String),
-    /// `[gateway]` settings: `workers` and `admin` at the next restart, the others at once.
+    /// `[gateway]` settings: `workers` at the next restart, the others at once.
     GatewayChanged,
 }
 
