@@ -26,10 +26,33 @@ docker build -q -f docker/Dockerfile.local -t wsgate:local "$ctx" >&2
 # The config directory is bind-mounted; the container's user (65532) must be able to read it.
 cp docker/config/config.toml "$cfg/"
 chmod 755 "$cfg"; chmod 644 "$cfg/config.toml"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-export WSGATE_CONFIG_DIR="$cfg" WSGATE_PORT="$port"
-log "compose up (port $port)"
-"${COMPOSE[@]}" up -d gateway echo1 echo2 >&2
+# The published port: free on every address, and below the ephemeral range, so that no
+# outgoing connection can take it between this check and Docker's bind (that race once
+# failed a run with "address already in use"). A failed start is retried on another port.
+free_port() {
+  python3 -c '
+import random, socket
+for _ in range(500):
+    port = random.randint(20000, 32000)
+    s = socket.socket()
+    try:
+        s.bind(("0.0.0.0", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(port)
+    break'
+}
+export WSGATE_CONFIG_DIR="$cfg"
+for attempt in 1 2 3; do
+  port=$(free_port)
+  export WSGATE_PORT="$port"
+  log "compose up (port $port)"
+  "${COMPOSE[@]}" up -d gateway echo1 echo2 >&2 && break
+  "${COMPOSE[@]}" down -t 5 >/dev/null 2>&1 || true
+  (( attempt < 3 )) || { log "FAIL: the stack did not start"; exit 1; }
+done
 
 probe() { timeout 10 python3 tests/docker/ws_probe.py "127.0.0.1:$port" 2>/dev/null || true; }
 seen=""
