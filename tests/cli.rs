@@ -266,6 +266,12 @@ async fn out_of_file_descriptors_is_a_503_and_a_pause_not_a_fault_of_the_backend
     let (status, body) = refused_status(&url).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("Too many open files"), "{body}");
+    // The refused connection's descriptor is given back just after the answer.
+    let deadline = Instant::now() + STEP;
+    while open_fds(pid, LIMIT) != LIMIT - 1 {
+        assert!(Instant::now() < deadline, "the refused connection stays open");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     // None left: accepting fails, the gateway pauses and tries again; a client waits in
     // the queue and is served once descriptors are free.

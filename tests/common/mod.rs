@@ -495,11 +495,15 @@ pub async fn whoami_at(url: &str) -> String {
 
 /// A loopback port that is free now (bound, then released) for a listener to take.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the ephemeral range (32768 and up here): an outgoing connection of a test running
+    // alongside could otherwise take the port between this check and the bind that uses it.
+    for _ in 0..1000 {
+        let port = fastrand::u16(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000");
 }
 
 /// The process's resident set size in bytes.
