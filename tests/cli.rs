@@ -269,7 +269,10 @@ async fn out_of_file_descriptors_is_a_503_and_a_pause_not_a_fault_of_the_backend
     // The refused connection's descriptor is given back just after the answer.
     let deadline = Instant::now() + STEP;
     while open_fds(pid, LIMIT) != LIMIT - 1 {
-        assert!(Instant::now() < deadline, "the refused connection stays open");
+        assert!(
+            Instant::now() < deadline,
+            "the refused connection stays open"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
