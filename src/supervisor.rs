@@ -351,28 +351,30 @@ impl Supervisor {
                 "[gateway] workers changes at the next restart"
             );
         }
-        for (socket, tls) in bound {
-            // The socket is bound; serving it only fails if it cannot be shared with a worker.
-            let running = listener::serve(
+        // The sockets are bound; serving one only fails if it cannot be shared with a worker.
+        let serve = |(socket, tls)| {
+            listener::serve(
                 socket,
                 workers,
                 self.shared.clone(),
                 Arc::clone(&self.upstream_tls),
                 tls,
                 new.gateway.client_header_timeout,
-            )?;
+            )
+        };
+        let started = bound
+            .into_iter()
+            .map(serve)
+            .collect::<Result<Vec<_>, _>>()?;
+        let restarted = served_again
+            .into_iter()
+            .map(serve)
+            .collect::<Result<Vec<_>, _>>()?;
+        for running in started {
             tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
             self.listeners.push(running);
         }
-        for (socket, tls) in served_again {
-            let running = listener::serve(
-                socket,
-                workers,
-                self.shared.clone(),
-                Arc::clone(&self.upstream_tls),
-                tls,
-                new.gateway.client_header_timeout,
-            )?;
+        for running in restarted {
             tracing::info!(listener = %running.config.name, addr = %running.local_addr,
                 tls = running.tls.is_some(), "listener serves new settings");
             // Dropping the old one ends its workers' accept loops; the socket stays open.

@@ -397,16 +397,9 @@ async fn a_reload_turns_tls_on_and_off_on_the_same_socket_and_open_tunnels_carry
         Some(ws)
     })
     .await;
-    wss.send(Message::text("over tls")).await.unwrap();
-    assert_eq!(next_data(&mut wss).await, Message::text("over tls"));
-    assert_eq!(
-        backend
-            .last()
-            .headers
-            .get("x-forwarded-proto")
-            .map(String::as_str),
-        Some("https")
-    );
+    let forwarded_proto = || backend.last().headers.get("x-forwarded-proto").cloned();
+    echoes(&mut wss, "over tls").await;
+    assert_eq!(forwarded_proto().as_deref(), Some("https"));
     eventually("a plain client is refused", || async {
         tokio::time::timeout(STEP, tokio_tungstenite::connect_async(&url))
             .await
@@ -416,8 +409,7 @@ async fn a_reload_turns_tls_on_and_off_on_the_same_socket_and_open_tunnels_carry
     })
     .await;
     // The tunnel accepted before the change is still plain and still flows.
-    plain_tunnel.send(Message::text("plain")).await.unwrap();
-    assert_eq!(next_data(&mut plain_tunnel).await, Message::text("plain"));
+    echoes(&mut plain_tunnel, "plain").await;
 
     // TLS off again: plain clients are served, the TLS tunnel carries on.
     write(&plain);
@@ -429,16 +421,16 @@ async fn a_reload_turns_tls_on_and_off_on_the_same_socket_and_open_tunnels_carry
             .map(|(ws, _)| ws)
     })
     .await;
-    again.send(Message::text("plain again")).await.unwrap();
-    assert_eq!(next_data(&mut again).await, Message::text("plain again"));
-    assert_eq!(
-        backend
-            .last()
-            .headers
-            .get("x-forwarded-proto")
-            .map(String::as_str),
-        Some("http")
-    );
-    wss.send(Message::text("still tls")).await.unwrap();
-    assert_eq!(next_data(&mut wss).await, Message::text("still tls"));
+    echoes(&mut again, "plain again").await;
+    assert_eq!(forwarded_proto().as_deref(), Some("http"));
+    echoes(&mut wss, "still tls").await;
+}
+
+/// Sends `text` and expects it back.
+async fn echoes<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, text: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    ws.send(Message::text(text)).await.unwrap();
+    assert_eq!(next_data(ws).await, Message::text(text));
 }
