@@ -290,6 +290,7 @@ impl Worker {
                             let Ok((mut io, peer)) = front.accept(io, peer).await else {
                                 return;
                             };
+                            let peer = Some(peer);
                             match first_request::read(&mut io, peer, header_timeout).await {
                                 FirstRequest::Upgrade(request, early) => {
                                     websocket::upgrade(request, io, early, &upgrade).await;
@@ -347,7 +348,7 @@ impl Front {
         &self,
         io: TcpStream,
         mut peer: SocketAddr,
-    ) -> Result<(Box<dyn Io>, Option<SocketAddr>), DispatchError> {
+    ) -> Result<(Box<dyn Io>, SocketAddr), DispatchError> {
         let _ = io.set_nodelay(true);
         let io: Box<dyn Io> = if self.proxy_protocol {
             let trusted = self
@@ -385,12 +386,12 @@ impl Front {
             Box::new(io)
         };
         let Some(acceptor) = &self.acceptor else {
-            return Ok((io, Some(peer)));
+            return Ok((io, peer));
         };
         // Boxed: a TLS handshake's state would otherwise enlarge every connection's task.
         let handshake = Box::pin(acceptor.accept(io));
         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
-            Ok(Ok(tls)) => Ok((Box::new(tls), Some(peer))),
+            Ok(Ok(tls)) => Ok((Box::new(tls), peer)),
             Ok(Err(err)) => {
                 self.shared.metrics.tls_failures.inc();
                 Err(DispatchError::Io(err))

@@ -281,29 +281,25 @@ impl Supervisor {
     /// Binds what is new, then publishes the snapshot, then retires what is gone. Only
     /// binding (and loading certificates) can fail, and it happens before anything changes.
     fn apply(&mut self, new: &Arc<Config>, changes: &[Change]) -> Result<(), StartError> {
-        // A listener whose settings change keeps its socket: it is served again with the
-        // new settings (TLS on or off, PROXY protocol, trusted sources, redirect, the
-        // header timeout), and connections already accepted keep the old ones.
-        let header_timeout_changed =
-            self.config.gateway.client_header_timeout != new.gateway.client_header_timeout;
+        let mut bound = Vec::new();
         let mut served_again = Vec::new();
-        for l in &new.listeners {
-            let Some(running) = self
-                .listeners
-                .iter()
-                .find(|o| o.config.name == l.name && o.config.bind == l.bind)
+        for change in changes {
+            let (Change::ListenerAdded(name)
+            | Change::ListenerRebound(name)
+            | Change::ListenerChanged(name)) = change
             else {
                 continue;
             };
-            if running.config != *l || header_timeout_changed {
-                served_again.push((running.reuse(l)?, certificates(l)?));
-            }
-        }
-        let mut bound = Vec::new();
-        for change in changes {
-            if let Change::ListenerAdded(name) | Change::ListenerRebound(name) = change
-                && let Some(l) = new.listeners.iter().find(|l| &l.name == name)
-            {
+            let Some(l) = new.listeners.iter().find(|l| &l.name == name) else {
+                continue;
+            };
+            if let Change::ListenerChanged(_) = change {
+                // Same address, new settings: the running socket is served again with them,
+                // and connections already accepted keep the old ones.
+                if let Some(running) = self.listeners.iter().find(|o| o.config.name == *name) {
+                    served_again.push((running.reuse(l)?, certificates(l)?));
+                }
+            } else {
                 // A listener taking over the exact address of one this reload removes fails
                 // here: the old socket is still open, and closing it first could not be undone
                 // if the reload is then rejected. Such a move takes two reloads.

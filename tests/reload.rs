@@ -518,3 +518,43 @@ async fn the_admin_listener_follows_the_file() {
     tunnel.send(Message::text("still here")).await.unwrap();
     assert_eq!(next_data(&mut tunnel).await, Message::text("still here"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_header_timeout_applies_to_the_next_connection() {
+    use tokio::io::AsyncReadExt;
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let text = |timeout: &str| {
+        format!(
+            "[gateway]\nclient_header_timeout = \"{timeout}\"\n[[listener]]\nname = \"main\"\n\
+             bind = \"127.0.0.1:0\"\n[[route]]\nupstream = \"u\"\n[upstream.u]\nservers = [\"{}\"]\n",
+            backend.addr
+        )
+    };
+    let gw = Reloadable::start(&text("60s"));
+    let main = gw.gw.addr("main").unwrap();
+    let mut before = tokio::net::TcpStream::connect(main).await.unwrap();
+
+    gw.write_by_rename(&text("300ms"));
+    // A connection that sends nothing is answered 408 once the new timeout is served.
+    let started = Instant::now();
+    loop {
+        let mut idle = tokio::net::TcpStream::connect(main).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(1), idle.read_to_end(&mut answer)).await;
+        if answer.starts_with(b"HTTP/1.1 408") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the new header timeout was not applied"
+        );
+    }
+    // The connection accepted before the reload keeps the timeout it came in with.
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), before.read(&mut byte))
+            .await
+            .is_err(),
+        "the earlier connection was answered under the new timeout"
+    );
+}

@@ -13,7 +13,8 @@ pub enum Change {
     /// Same name, new address: the old socket closes, the new one opens.
     ListenerRebound(String),
     /// Same name and address, other settings (TLS, PROXY protocol, trusted or real-IP
-    /// sources, redirect): the socket stays open, new connections get the new settings.
+    /// sources, redirect, or the `[gateway]` header timeout every listener applies): the
+    /// socket stays open, new connections get the new settings.
     ListenerChanged(String),
     RouteAdded(String),
     RouteRemoved(String),
@@ -86,11 +87,15 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     if old.gateway != new.gateway {
         changes.insert(Change::GatewayChanged);
     }
+    let header_timeout_changed =
+        old.gateway.client_header_timeout != new.gateway.client_header_timeout;
     for l in &new.listeners {
         match old.listeners.iter().find(|o| o.name == l.name) {
             None => changes.insert(Change::ListenerAdded(l.name.clone())),
             Some(o) if o.bind != l.bind => changes.insert(Change::ListenerRebound(l.name.clone())),
-            Some(o) if o != l => changes.insert(Change::ListenerChanged(l.name.clone())),
+            Some(o) if o != l || header_timeout_changed => {
+                changes.insert(Change::ListenerChanged(l.name.clone()))
+            }
             Some(_) => false,
         };
     }
@@ -271,6 +276,11 @@ mod tests {
                     )
                 }),
                 vec!["~listener public"],
+            ),
+            (
+                "change the header timeout every listener applies",
+                Box::new(|b: &str| format!("[gateway]\nclient_header_timeout = \"5s\"\n{b}")),
+                vec!["~gateway", "~listener public"],
             ),
             (
                 "rename a listener",
