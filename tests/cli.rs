@@ -304,17 +304,12 @@ async fn out_of_file_descriptors_is_a_503_and_a_pause_not_a_fault_of_the_backend
     }
     // The backend was never taken out of rotation (it would be for 10 s), and the first
     // tunnel lived on.
-    let started = Instant::now();
-    let mut fresh = loop {
-        if let Ok((ws, _)) = tokio_tungstenite::connect_async(&url).await {
-            break ws;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "no new tunnel once descriptors were free"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut fresh = eventually(
+        "a new tunnel once descriptors are free",
+        Duration::from_secs(3),
+        || async { Some(tokio_tungstenite::connect_async(&url).await.ok()?.0) },
+    )
+    .await;
     assert_eq!(whoami(&mut fresh).await, "b");
     assert_eq!(whoami(&mut tunnel).await, "b");
 

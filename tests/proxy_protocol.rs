@@ -212,8 +212,7 @@ async fn a_reload_of_trusted_proxies_applies_to_the_next_connection() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, text("10.0.0.0/8")).unwrap();
-    let config = wsgate::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let gw = wsgate::GatewayThread::spawn_watching(config, Some(path.clone())).unwrap();
+    let gw = gateway_watching(&path);
     let edge = gw.addr("edge").unwrap();
     let header = v1(Ipv4Addr::new(203, 0, 113, 7), 5555);
     assert!(
@@ -223,17 +222,12 @@ async fn a_reload_of_trusted_proxies_applies_to_the_next_connection() {
 
     // The balancer's address is added to the file: the same socket now takes its header.
     std::fs::write(&path, text("127.0.0.0/8")).unwrap();
-    let started = std::time::Instant::now();
-    let mut ws = loop {
-        if let Ok(ws) = connect_with(edge, &header).await {
-            break ws;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(3),
-            "trusted_proxies not applied"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let mut ws = eventually(
+        "trusted_proxies applied",
+        std::time::Duration::from_secs(3),
+        || async { connect_with(edge, &header).await.ok() },
+    )
+    .await;
     assert_eq!(whoami(&mut ws).await, "b");
     assert_eq!(
         backend

@@ -17,6 +17,10 @@ use tokio_tungstenite::tungstenite::Message;
 /// How long a change may take to be in effect for new connections.
 const VISIBLE_WITHIN: Duration = Duration::from_secs(1);
 
+/// The same for checks whose every attempt takes a while itself (a timeout to expire, a
+/// server to stop).
+const RELOADED: Duration = Duration::from_secs(5);
+
 struct Reloadable {
     dir: tempfile::TempDir,
     gw: GatewayThread,
@@ -30,8 +34,7 @@ impl Reloadable {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, text).unwrap();
-        let config = wsgate::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        let gw = GatewayThread::spawn_watching(config, Some(path)).expect("gateway starts");
+        let gw = gateway_watching(&path);
         Reloadable { dir, gw }
     }
 
@@ -497,24 +500,16 @@ async fn the_admin_listener_follows_the_file() {
 
     // Moved: the new address answers, the old one is closed, the tunnel is untouched.
     gw.write_by_rename(&text(Some(second)));
-    let started = Instant::now();
-    while healthz(second).await != Some(true) || healthz(first).await.is_some() {
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "the admin listener did not move"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the admin listener moved", RELOADED, || async {
+        (healthz(second).await == Some(true) && healthz(first).await.is_none()).then_some(())
+    })
+    .await;
     // Removed: nothing answers any more.
     gw.write_by_rename(&text(None));
-    let started = Instant::now();
-    while healthz(second).await.is_some() {
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "the admin listener was not closed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the admin listener closed", RELOADED, || async {
+        healthz(second).await.is_none().then_some(())
+    })
+    .await;
     tunnel.send(Message::text("still here")).await.unwrap();
     assert_eq!(next_data(&mut tunnel).await, Message::text("still here"));
 }
@@ -536,19 +531,13 @@ async fn a_new_header_timeout_applies_to_the_next_connection() {
 
     gw.write_by_rename(&text("300ms"));
     // A connection that sends nothing is answered 408 once the new timeout is served.
-    let started = Instant::now();
-    loop {
+    eventually("the new header timeout applied", RELOADED, || async {
         let mut idle = tokio::net::TcpStream::connect(main).await.unwrap();
         let mut answer = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(1), idle.read_to_end(&mut answer)).await;
-        if answer.starts_with(b"HTTP/1.1 408") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the new header timeout was not applied"
-        );
-    }
+        answer.starts_with(b"HTTP/1.1 408").then_some(())
+    })
+    .await;
     // The connection accepted before the reload keeps the timeout it came in with.
     let mut byte = [0u8; 1];
     assert!(

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,14 +110,6 @@ fn tls_config(
     (text, path)
 }
 
-fn start(path: &Path) -> GatewayThread {
-    if std::env::var_os("RUST_LOG").is_some() {
-        wsgate::telemetry::init(wsgate::telemetry::LogFormat::Pretty);
-    }
-    let config = wsgate::config::load(path).unwrap_or_else(|e| panic!("{e}"));
-    GatewayThread::spawn_watching(config, Some(path.to_path_buf())).expect("gateway starts")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_end_to_end_with_sni_choosing_the_certificate() {
     let pki = Pki::new();
@@ -126,7 +117,7 @@ async fn wss_end_to_end_with_sni_choosing_the_certificate() {
     let b = pki.leaf("b", &["b.test", "*.b.test"]);
     let backend = WsBackend::start("b1", Behavior::Echo).await;
     let (_, path) = tls_config(&pki, backend.addr, "");
-    let gw = start(&path);
+    let gw = gateway_watching(&path);
     let addr = gw.addr("tls").unwrap();
 
     let (_, leaf) = tls_connect(&pki, addr, "a.test").await;
@@ -155,7 +146,7 @@ async fn a_rotated_certificate_is_served_to_the_next_handshake() {
     pki.leaf("b", &["b.test"]);
     let backend = WsBackend::start("b1", Behavior::Echo).await;
     let (_, path) = tls_config(&pki, backend.addr, "");
-    let gw = start(&path);
+    let gw = gateway_watching(&path);
     let addr = gw.addr("tls").unwrap();
     let (kept, leaf) = tls_connect(&pki, addr, "a.test").await;
     assert_eq!(leaf, old);
@@ -188,7 +179,7 @@ async fn tls_1_1_and_tls_1_2_under_min_version_1_3_are_refused() {
     pki.leaf("b", &["b.test"]);
     let backend = WsBackend::start("b1", Behavior::Echo).await;
     let (text, path) = tls_config(&pki, backend.addr, "");
-    let gw = start(&path);
+    let gw = gateway_watching(&path);
     let addr = gw.addr("tls").unwrap();
     let s_client = |version: &str| {
         std::process::Command::new("openssl")
@@ -216,7 +207,7 @@ async fn tls_1_1_and_tls_1_2_under_min_version_1_3_are_refused() {
     drop(gw);
 
     std::fs::write(&path, text.replace("}] }", "}], min_version = \"1.3\" }")).unwrap();
-    let gw = start(&path);
+    let gw = gateway_watching(&path);
     let addr = gw.addr("tls").unwrap();
     let tls12 = std::process::Command::new("openssl")
         .args([
@@ -247,7 +238,7 @@ async fn plain_listener_redirects_to_https_with_308() {
         backend.addr,
         "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nredirect_https = 8443\n",
     );
-    let gw = start(&path);
+    let gw = gateway_watching(&path);
     let plain = gw.addr("plain").unwrap();
     let (status, head, _) = http(
         plain,
@@ -331,7 +322,7 @@ async fn upstream_wss_is_verified_against_the_configured_ca() {
          [upstream.bad]\nca = \"other-ca.pem\"\nservers = [\"wss://{backend}\"]\n"
     );
     std::fs::write(pki.path("config.toml"), text).unwrap();
-    let gw = start(&pki.path("config.toml"));
+    let gw = gateway_watching(&pki.path("config.toml"));
     let addr = gw.listeners[0].addr;
     let mut ws = connect(&format!("ws://{addr}/good/x")).await;
     ws.send(Message::text("through wss")).await.unwrap();
@@ -340,20 +331,8 @@ async fn upstream_wss_is_verified_against_the_configured_ca() {
     assert_eq!(status, 502, "{body}");
 }
 
-/// Waits (at most 3 s) until `attempt` succeeds; returns its result.
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut attempt: impl FnMut() -> F,
-) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(done) = attempt().await {
-            return done;
-        }
-        assert!(started.elapsed() < Duration::from_secs(3), "{what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a reload may take to reach new connections in these tests.
+const RELOADED: Duration = Duration::from_secs(3);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_turns_tls_on_and_off_on_the_same_socket_and_open_tunnels_carry_on() {
@@ -371,7 +350,7 @@ async fn a_reload_turns_tls_on_and_off_on_the_same_socket_and_open_tunnels_carry
     );
     let path = pki.path("config.toml");
     std::fs::write(&path, &plain).unwrap();
-    let gw = start(&path);
+    let gw = gateway_watching(&path);
     let addr = gw.addr("edge").unwrap();
     let url = format!("ws://{addr}/");
     let mut plain_tunnel = connect(&url).await;
@@ -383,7 +362,7 @@ async fn a_reload_turns_tls_on_and_off_on_the_same_socket_and_open_tunnels_carry
 
     // TLS on, same port: a TLS client gets through, a plain one no longer does.
     write(&with_tls);
-    let mut wss = eventually("TLS is served after the reload", || async {
+    let mut wss = eventually("TLS is served after the reload", RELOADED, || async {
         let connector = tokio_rustls::TlsConnector::from(pki.client_config());
         let tcp = TcpStream::connect(addr).await.ok()?;
         let name = ServerName::try_from("a.test").unwrap();
@@ -400,7 +379,7 @@ async fn a_reload_turns_tls_on_and_off_on_the_same_socket_and_open_tunnels_carry
     let forwarded_proto = || backend.last().headers.get("x-forwarded-proto").cloned();
     echoes(&mut wss, "over tls").await;
     assert_eq!(forwarded_proto().as_deref(), Some("https"));
-    eventually("a plain client is refused", || async {
+    eventually("a plain client is refused", RELOADED, || async {
         tokio::time::timeout(STEP, tokio_tungstenite::connect_async(&url))
             .await
             .expect("an answer in time")
@@ -413,7 +392,7 @@ async fn a_reload_turns_tls_on_and_off_on_the_same_socket_and_open_tunnels_carry
 
     // TLS off again: plain clients are served, the TLS tunnel carries on.
     write(&plain);
-    let mut again = eventually("plain is served again", || async {
+    let mut again = eventually("plain is served again", RELOADED, || async {
         tokio::time::timeout(STEP, tokio_tungstenite::connect_async(&url))
             .await
             .ok()?

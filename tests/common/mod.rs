@@ -39,6 +39,32 @@ pub fn gateway(toml: &str, backends: &[SocketAddr]) -> GatewayThread {
     GatewayThread::spawn(config).expect("gateway starts")
 }
 
+/// Starts a gateway from a configuration file it then watches and reloads.
+pub fn gateway_watching(path: &std::path::Path) -> GatewayThread {
+    if std::env::var_os("RUST_LOG").is_some() {
+        wsgate::telemetry::init(wsgate::telemetry::LogFormat::Pretty);
+    }
+    let config = wsgate::config::load(path).unwrap_or_else(|e| panic!("{e}"));
+    GatewayThread::spawn_watching(config, Some(path.to_path_buf())).expect("gateway starts")
+}
+
+/// Tries `attempt` every 20 ms until it gives a value, at most `within`; `what` names the
+/// awaited outcome in the failure.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    within: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(done) = attempt().await {
+            return done;
+        }
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The single listener's address.
 pub fn addr(gw: &GatewayThread) -> SocketAddr {
     gw.listeners[0].addr
