@@ -1,6 +1,6 @@
 //! Picking backends by health and load, and what happens when one dies: passive health
 //! (max_fails/fail_timeout), least_conn, bounded-load consistent hashing, a backend dying
-//! mid-stream, and back-pressure toward a client that stops reading.
+//! mid-stream, back-pressure toward a client that stops reading, and checks added by reload.
 
 mod common;
 
@@ -344,4 +344,39 @@ async fn slow_consumer_close_ends_a_client_that_stops_reading_with_1008() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     // The frame in flight is finished first, so the close frame arrives intact.
     assert_eq!(close_code(&mut ws).await.0, 1008);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_added_by_a_reload_starts_probing() {
+    let mute = WsBackend::start("mute", Behavior::Mute).await;
+    let b = WsBackend::start("b", Behavior::Echo).await;
+    let text = |upstream_extra: &str| {
+        upstream_config("\"{BACKEND_1}\", \"{BACKEND_2}\"", upstream_extra, "")
+            .replace("{BACKEND_1}", &mute.addr.to_string())
+            .replace("{BACKEND_2}", &b.addr.to_string())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text("")).unwrap();
+    let gw = gateway_watching(&path);
+    // No upstream has a check: the checker sleeps its idle tick, the server stays in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mute_server = || {
+        let snapshot = gw.shared().snapshot.load();
+        std::sync::Arc::clone(&snapshot.pools["u"].servers[0])
+    };
+    assert!(mute_server().healthy());
+
+    std::fs::write(
+        &path,
+        text("health_check = { interval = \"100ms\", timeout = \"100ms\", fall = 2, probe = \"websocket\" }"),
+    )
+    .unwrap();
+    // Picked up within the idle tick (1 s) plus two failed probes.
+    eventually(
+        "the mute server taken out by the new check",
+        Duration::from_secs(3),
+        || async { (!mute_server().healthy()).then_some(()) },
+    )
+    .await;
 }
