@@ -36,6 +36,17 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Refusals that pass: the answer carries `Retry-After: 1`.
+    pub fn retry_after(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Busy(_)
+                | ProxyError::TooManyFromAddress
+                | ProxyError::NoHealthyServer(_)
+                | ProxyError::Exhausted(_)
+        )
+    }
+
     /// The `result` label of the handshake metric.
     pub fn result_label(&self) -> &'static str {
         match self {
@@ -106,6 +117,9 @@ impl ResponseError for ProxyError {
         }
         if let ProxyError::Redirect(location) = self {
             response.insert_header((header::LOCATION, location.as_str()));
+        }
+        if self.retry_after() {
+            response.insert_header((header::RETRY_AFTER, HeaderValue::from_static("1")));
         }
         if matches!(
             self,

@@ -82,6 +82,13 @@ pub(super) async fn proxy(
         };
         match sent {
             Ok(response) => return Ok(respond(response)),
+            Err(SendRequestError::Connect(ConnectError::Io(err)))
+                if super::is_local_exhaustion(&err) =>
+            {
+                tracing::warn!(route = %route.label, server = %server.config, error = %err,
+                    "cannot open a backend connection: the gateway is out of resources");
+                return Err(ProxyError::Exhausted(format!("connect: {err}")));
+            }
             Err(err) => {
                 timed_out = matches!(
                     err,

@@ -227,6 +227,17 @@ pub async fn handle(
 }
 
 /// `host:port` for a URL, with brackets around an IPv6 literal.
+/// Errors of connecting to a backend that say the gateway ran out of something (file
+/// descriptors, memory, local ports), not that the server is unreachable: the client is
+/// told to retry and the server is not blamed (nginx, likewise, does not hold a failed
+/// `socket()` against the peer).
+fn is_local_exhaustion(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
 fn authority(host: &str, port: u16) -> String {
     if host.contains(':') {
         format!("[{host}]:{port}")

@@ -299,7 +299,7 @@ async fn dial(
                     settings.connect_timeout
                 )));
             }
-            Ok(Err(err)) if is_local_exhaustion(&err) => {
+            Ok(Err(err)) if super::is_local_exhaustion(&err) => {
                 return Err(DialError::Local(format!("connect: {err}")));
             }
             Ok(Err(err)) => return Err(DialError::Failed(format!("connect: {err}"))),
@@ -357,15 +357,6 @@ async fn dial(
         ))),
         Ok(result) => result,
     }
-}
-
-/// Errors of connecting that say the gateway ran out of something, not that the server is
-/// unreachable (nginx, likewise, does not hold a failed `socket()` against the peer).
-fn is_local_exhaustion(err: &std::io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
-    )
 }
 
 /// A complete 101 answer: how long its head is and the client's response made from it.
@@ -435,10 +426,7 @@ fn refusal(err: &ProxyError) -> Vec<u8> {
     );
     match err {
         ProxyError::Redirect(location) => head.push_str(&format!("Location: {location}\r\n")),
-        ProxyError::Busy(_)
-        | ProxyError::TooManyFromAddress
-        | ProxyError::NoHealthyServer(_)
-        | ProxyError::Exhausted(_) => head.push_str("Retry-After: 1\r\n"),
+        _ if err.retry_after() => head.push_str("Retry-After: 1\r\n"),
         _ => {}
     }
     if matches!(
