@@ -163,20 +163,22 @@ pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, BindError> {
     })
 }
 
-/// Starts serving a bound socket on every worker; a TLS listener terminates TLS with the
-/// certificates `tls` resolves.
+/// Readies a bound socket to be served on every worker (a TLS listener terminates TLS with
+/// the certificates `tls` resolves): everything that can fail happens here, a handle on the
+/// socket for each worker, so that a reload readies every listener before it changes
+/// anything and then serves them with [`ReadyListener::serve`], which cannot fail.
 ///
 /// Built from actix-http directly rather than actix-web's `HttpServer` for one reason:
 /// its upgrade hook hands a WebSocket request over with the raw connection, so the tunnel
 /// relays bytes itself instead of going through a message channel per frame.
-pub fn serve(
+pub fn prepare(
     bound: BoundSocket,
     workers: &Workers,
     shared: web::Data<Shared>,
     upstream_tls: Arc<rustls::ClientConfig>,
     tls: Option<Arc<CertResolver>>,
     client_header_timeout: Duration,
-) -> Result<RunningListener, BindError> {
+) -> Result<ReadyListener, BindError> {
     let BoundSocket {
         config,
         socket,
@@ -201,6 +203,7 @@ pub fn serve(
         shared: shared.clone(),
     });
     let (accepting, state) = watch::channel(Accepting::Yes);
+    let mut accept_loops = Vec::with_capacity(workers.arbiters.len());
     for arbiter in &workers.arbiters {
         // Every worker waits on the same socket; the kernel gives each connection to one.
         let socket = socket.try_clone().map_err(|source| BindError {
@@ -219,17 +222,43 @@ pub fn serve(
             },
             client_header_timeout,
         };
-        arbiter.spawn_fn(move || {
-            actix_rt::spawn(worker.run());
-        });
+        accept_loops.push((arbiter.handle(), worker));
     }
-    Ok(RunningListener {
-        config,
-        local_addr,
-        tls,
-        accepting,
-        socket,
+    Ok(ReadyListener {
+        listener: RunningListener {
+            config,
+            local_addr,
+            tls,
+            accepting,
+            socket,
+        },
+        accept_loops,
     })
+}
+
+/// A listener with a socket handle for each worker, not yet accepting (see [`prepare`]).
+/// Dropped unserved, it closes those handles and nothing ever listened with its settings.
+pub struct ReadyListener {
+    listener: RunningListener,
+    accept_loops: Vec<(actix_rt::ArbiterHandle, Worker)>,
+}
+
+impl ReadyListener {
+    pub fn name(&self) -> &str {
+        &self.listener.config.name
+    }
+
+    /// Starts every worker's accept loop.
+    pub fn serve(self) -> RunningListener {
+        for (arbiter, worker) in self.accept_loops {
+            // An arbiter only refuses work once it is stopping, i.e. at shutdown, when
+            // nothing new is served anyway.
+            arbiter.spawn_fn(move || {
+                actix_rt::spawn(worker.run());
+            });
+        }
+        self.listener
+    }
 }
 
 /// One worker's share of a listener: its accept loop.

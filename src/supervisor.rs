@@ -154,14 +154,15 @@ impl Supervisor {
         let workers = Workers::start(config.gateway.workers);
         let mut listeners = Vec::with_capacity(bound.len());
         for (socket, tls) in bound {
-            let running = listener::serve(
+            let running = listener::prepare(
                 socket,
                 &workers,
                 shared.clone(),
                 Arc::clone(&upstream_tls),
                 tls,
                 config.gateway.client_header_timeout,
-            )?;
+            )?
+            .serve();
             tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
             listeners.push(running);
         }
@@ -278,8 +279,10 @@ impl Supervisor {
         }
     }
 
-    /// Binds what is new, then publishes the snapshot, then retires what is gone. Only
-    /// binding (and loading certificates) can fail, and it happens before anything changes.
+    /// Binds and readies what is new, then publishes the snapshot, retires what is gone and
+    /// serves what is new. Everything that can fail (binding, certificates, a socket handle
+    /// per worker, the admin address) happens before anything changes, so a reload is
+    /// applied whole or not at all.
     fn apply(&mut self, new: &Arc<Config>, changes: &[Change]) -> Result<(), StartError> {
         let mut bound = Vec::new();
         let mut served_again = Vec::new();
@@ -306,6 +309,34 @@ impl Supervisor {
                 bound.push((listener::bind(l)?, certificates(l)?));
             }
         }
+        // Each worker's handle on the sockets (a descriptor each: this fails when the
+        // gateway is out of them). Shutting down (a SIGHUP can still arrive), nothing new
+        // is served any more.
+        let (added, changed) = match &self.workers {
+            Some(workers) => {
+                let prepare = |(socket, tls)| {
+                    listener::prepare(
+                        socket,
+                        workers,
+                        self.shared.clone(),
+                        Arc::clone(&self.upstream_tls),
+                        tls,
+                        new.gateway.client_header_timeout,
+                    )
+                };
+                (
+                    bound
+                        .into_iter()
+                        .map(prepare)
+                        .collect::<Result<Vec<_>, _>>()?,
+                    served_again
+                        .into_iter()
+                        .map(prepare)
+                        .collect::<Result<Vec<_>, _>>()?,
+                )
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         let tls = upstream_tls(new)?;
         // A new admin address is bound last of all that can fail (a server once started has
         // to be stopped); the old one closes once everything is applied.
@@ -336,51 +367,32 @@ impl Supervisor {
                 None => tracing::info!("admin listener closed"),
             }
         }
-        let Some(workers) = &self.workers else {
-            // Shutting down (a SIGHUP can still arrive): nothing new is served any more.
-            return Ok(());
-        };
-        if new.gateway.workers != workers.count() {
+        if let Some(workers) = &self.workers
+            && new.gateway.workers != workers.count()
+        {
             tracing::warn!(
                 running = workers.count(),
                 configured = new.gateway.workers,
                 "[gateway] workers changes at the next restart"
             );
         }
-        // The sockets are bound; serving one only fails if it cannot be shared with a worker.
-        let serve = |(socket, tls)| {
-            listener::serve(
-                socket,
-                workers,
-                self.shared.clone(),
-                Arc::clone(&self.upstream_tls),
-                tls,
-                new.gateway.client_header_timeout,
-            )
-        };
-        let started = bound
-            .into_iter()
-            .map(serve)
-            .collect::<Result<Vec<_>, _>>()?;
-        let restarted = served_again
-            .into_iter()
-            .map(serve)
-            .collect::<Result<Vec<_>, _>>()?;
-        for running in started {
+        for ready in added {
+            let running = ready.serve();
             tracing::info!(listener = %running.config.name, addr = %running.local_addr, "listening");
             self.listeners.push(running);
         }
-        for running in restarted {
-            tracing::info!(listener = %running.config.name, addr = %running.local_addr,
-                tls = running.tls.is_some(), "listener serves new settings");
+        for ready in changed {
             // Dropping the old one ends its workers' accept loops; the socket stays open.
-            if let Some(old) = self
+            let Some(old) = self
                 .listeners
                 .iter_mut()
-                .find(|o| o.config.name == running.config.name)
-            {
-                *old = running;
-            }
+                .find(|o| o.config.name == ready.name())
+            else {
+                continue;
+            };
+            *old = ready.serve();
+            tracing::info!(listener = %old.config.name, addr = %old.local_addr,
+                tls = old.tls.is_some(), "listener serves new settings");
         }
         Ok(())
     }

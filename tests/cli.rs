@@ -186,6 +186,32 @@ async fn sigterm_sends_500_clients_1001_spread_over_shutdown_spread_then_exits_0
     assert!(exit.success(), "{exit:?}");
 }
 
+/// Runs the gateway on `config` with at most `limit` open files, its log in `log`, and
+/// waits until it listens on `port`.
+fn run_with_fd_limit(
+    config: &std::path::Path,
+    limit: usize,
+    log: &std::path::Path,
+    port: u16,
+) -> std::process::Child {
+    // bash lowers the open-file limit, then becomes the gateway (same pid).
+    let child = Command::new("bash")
+        .arg("-c")
+        .arg(format!("ulimit -n {limit} && exec \"$0\" run -c \"$1\""))
+        .arg(BIN)
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + STEP;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 /// The open file descriptors of a process numbered below `limit` (one inherited from the
 /// test runner may sit above it and does not use up a number the process can open).
 fn open_fds(pid: u32, limit: usize) -> usize {
@@ -240,22 +266,8 @@ async fn out_of_file_descriptors_is_a_503_and_a_pause_not_a_fault_of_the_backend
         ),
     );
     let log_path = dir.path().join("stderr.log");
-    // bash lowers the open-file limit, then becomes the gateway (same pid).
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg(format!("ulimit -n {LIMIT} && exec \"$0\" run -c \"$1\""))
-        .arg(BIN)
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = run_with_fd_limit(&path, LIMIT, &log_path, port);
     let pid = child.id();
-    let deadline = Instant::now() + STEP;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "gateway did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let url = format!("ws://127.0.0.1:{port}/");
     let mut tunnel = connect(&url).await;
     assert_eq!(whoami(&mut tunnel).await, "b");
@@ -329,4 +341,75 @@ async fn out_of_file_descriptors_is_a_503_and_a_pause_not_a_fault_of_the_backend
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("accept failed"), "{log}");
     assert!(log.contains("out of resources"), "{log}");
+}
+
+/// A reload that cannot get every descriptor it needs is rejected whole: none of it is
+/// applied, not its routes either (they were, while the listener it changed was not
+/// served again), and the same file applies once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_short_of_descriptors_is_rejected_whole() {
+    const LIMIT: usize = 64;
+    let old = WsBackend::start("old", Behavior::Echo).await;
+    let new = WsBackend::start("new", Behavior::Echo).await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!(
+        "[gateway]\nworkers = 1\nclient_header_timeout = \"60s\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\
+         [[route]]\nupstream = \"old\"\n[upstream.old]\nservers = [\"{}\"]\n",
+        old.addr
+    );
+    // A new route, and a listener served again (its header timeout changes).
+    let reloaded = |comment: &str| {
+        format!(
+            "# {comment}\n{}\n[[route]]\npath = \"/new\"\nupstream = \"new\"\n[upstream.new]\nservers = [\"{}\"]\n",
+            base.replace("\"60s\"", "\"59s\""),
+            new.addr
+        )
+    };
+    let path = write_config(&dir, &base);
+    let write_by_rename = |text: String| {
+        let tmp = dir.path().join("config.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    let log_path = dir.path().join("stderr.log");
+    let mut child = run_with_fd_limit(&path, LIMIT, &log_path, port);
+    let pid = child.id();
+    let new_url = format!("ws://127.0.0.1:{port}/new");
+    assert_eq!(whoami_at(&new_url).await, "old");
+
+    // One descriptor left: enough to read the file and take a second handle on the
+    // listening socket, not for the worker's own handle.
+    let mut idle = Vec::new();
+    fill_fds(pid, LIMIT, port, LIMIT - 1, &mut idle).await;
+    write_by_rename(reloaded("first try"));
+    let log = eventually("the reload is rejected", STEP, || async {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        log.contains("reload rejected").then_some(log)
+    })
+    .await;
+    assert!(log.contains("Too many open files"), "{log}");
+    drop(idle);
+    eventually("the idle connections closed", STEP, || async {
+        (open_fds(pid, LIMIT) < LIMIT / 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        whoami_at(&new_url).await,
+        "old",
+        "a rejected reload's route is served"
+    );
+
+    write_by_rename(reloaded("second try"));
+    eventually(
+        "the same file applies with descriptors free",
+        STEP,
+        || async {
+            let (mut ws, _) = tokio_tungstenite::connect_async(&new_url).await.ok()?;
+            (whoami(&mut ws).await == "new").then_some(())
+        },
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
