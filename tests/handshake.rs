@@ -42,8 +42,8 @@ async fn backend_sees_forwarding_headers_and_the_clients_headers() {
     assert_eq!(get("x-forwarded-host"), Some("chat.example.com"));
     assert_eq!(
         get("sec-websocket-extensions"),
-        None,
-        "extensions are per leg"
+        Some("permessage-deflate"),
+        "a permessage-deflate offer passes (tests/compression.rs)"
     );
     assert_eq!(get("upgrade"), Some("websocket"));
     assert_eq!(get("sec-websocket-version"), Some("13"));

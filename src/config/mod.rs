@@ -124,6 +124,10 @@ pub struct TunnelSettings {
     /// `slow_consumer = "close"`: a leg that keeps `max_buffer` full for this long is
     /// closed with 1008. `None` (`"wait"`, the default): it is only held back.
     pub slow_consumer_timeout: Option<Duration>,
+    /// Pass the client's permessage-deflate offer (RFC 7692) to the backend: frames stay
+    /// compressed end to end. Off: the legs never agree on it, and the frame and message
+    /// limits count uncompressed bytes.
+    pub permessage_deflate: bool,
 }
 
 impl Default for TunnelSettings {
@@ -139,6 +143,7 @@ impl Default for TunnelSettings {
             max_message_size: defaults::MAX_MESSAGE_SIZE as usize,
             max_buffer: defaults::MAX_BUFFER as usize,
             slow_consumer_timeout: None,
+            permessage_deflate: true,
         }
     }
 }
@@ -607,6 +612,9 @@ impl Validator<'_> {
             max_frame_size: size(&raw.max_frame_size, inherited.max_frame_size)?,
             max_message_size: size(&raw.max_message_size, inherited.max_message_size)?,
             max_buffer: size(&raw.max_buffer, inherited.max_buffer)?,
+            permessage_deflate: raw
+                .permessage_deflate
+                .unwrap_or(inherited.permessage_deflate),
             slow_consumer_timeout: {
                 let timeout = match &raw.slow_consumer_timeout {
                     Some(t) if t.get_ref().0.is_zero() => {

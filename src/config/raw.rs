@@ -93,6 +93,7 @@ macro_rules! with_tunnel_settings {
             pub max_buffer: Option<Spanned<HumanSize>>,
             pub slow_consumer: Option<Spanned<String>>,
             pub slow_consumer_timeout: Option<Spanned<HumanDuration>>,
+            pub permessage_deflate: Option<bool>,
         }
 
         impl $name {
@@ -110,6 +111,7 @@ macro_rules! with_tunnel_settings {
                     max_buffer: self.max_buffer.clone(),
                     slow_consumer: self.slow_consumer.clone(),
                     slow_consumer_timeout: self.slow_consumer_timeout.clone(),
+                    permessage_deflate: self.permessage_deflate,
                 }
             }
         }

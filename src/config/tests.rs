@@ -37,6 +37,7 @@ fn routes_inherit_defaults_and_override_them() {
         [defaults]
         ping_interval = "5s"
         max_frame_size = "1MiB"
+        permessage_deflate = false
         [[route]]
         path = "/a/"
         upstream = "u"
@@ -45,6 +46,7 @@ fn routes_inherit_defaults_and_override_them() {
         upstream = "u"
         ping_interval = "500ms"
         idle_timeout = "2m"
+        permessage_deflate = true
         [upstream.u]
         balance = "consistent_hash"
         hash_key = "remote_addr"
@@ -60,6 +62,9 @@ fn routes_inherit_defaults_and_override_them() {
     assert_eq!(b.ping_interval, Duration::from_millis(500));
     assert_eq!(b.idle_timeout, Duration::from_secs(120));
     assert_eq!(b.max_frame_size, 1024 * 1024);
+    assert!(TunnelSettings::default().permessage_deflate);
+    assert!(!a.permessage_deflate);
+    assert!(b.permessage_deflate);
     let servers = &config.upstreams["u"].servers;
     assert_eq!(
         (servers[1].host.as_str(), servers[1].port, servers[1].weight),

@@ -18,8 +18,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONTENT_LENGTH, // recomputed from the body each hop
 ];
 
-/// Negotiated per WebSocket leg: the gateway re-encodes frames on each leg, so an
-/// extension (permessage-deflate) agreed with one peer means nothing to the other.
+/// Negotiated per WebSocket leg. Extensions are the exception the upgrade makes itself:
+/// permessage-deflate offers pass ([`deflate_offers`]), as frames cross the gateway as
+/// they came; any other extension could give frame bits a meaning the relay would not
+/// know, so it is never offered to the backend.
 const WEBSOCKET_PER_LEG: [HeaderName; 4] = [
     header::SEC_WEBSOCKET_KEY,
     header::SEC_WEBSOCKET_VERSION,
@@ -69,6 +71,63 @@ fn stops_here(name: &str, connection_tokens: &[&[u8]]) -> bool {
         || connection_tokens
             .iter()
             .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// The extension named by one element of a `Sec-WebSocket-Extensions` list (RFC 6455
+/// §9.1: `name *( ";" param )`).
+fn extension_name(element: &[u8]) -> &[u8] {
+    element
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
+}
+
+fn is_permessage_deflate(element: &[u8]) -> bool {
+    extension_name(element).eq_ignore_ascii_case(b"permessage-deflate")
+}
+
+fn extension_elements<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|e| !e.is_empty())
+}
+
+/// The client's permessage-deflate offers (RFC 7692) among its `Sec-WebSocket-Extensions`
+/// values, as one value for the backend; `None` if it made none.
+pub fn deflate_offers<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    let mut offers = Vec::new();
+    for offer in extension_elements(values).filter(|e| is_permessage_deflate(e)) {
+        if !offers.is_empty() {
+            offers.extend_from_slice(b", ");
+        }
+        offers.extend_from_slice(offer);
+    }
+    (!offers.is_empty()).then_some(offers)
+}
+
+/// Checks the extensions a backend agreed to (its `Sec-WebSocket-Extensions` values)
+/// against what was offered: `Ok(true)` if permessage-deflate is in use, `Ok(false)` if no
+/// extension is; an error names what a client must refuse (RFC 6455 §4.1: an extension
+/// that was not offered).
+pub fn agreed_deflate<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+    offered: bool,
+) -> Result<bool, String> {
+    let mut agreed = false;
+    for element in extension_elements(values) {
+        if !offered || !is_permessage_deflate(element) || agreed {
+            return Err(format!(
+                "the backend agreed to an extension that was not offered: {:?}",
+                String::from_utf8_lossy(element)
+            ));
+        }
+        agreed = true;
+    }
+    Ok(agreed)
 }
 
 /// Appends `name: value\r\n` to a head being written.
@@ -213,6 +272,45 @@ pub fn end_to_end<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_permessage_deflate_offers_reach_the_backend() {
+        let offers = |values: &[&str]| {
+            deflate_offers(values.iter().map(|v| v.as_bytes()))
+                .map(|o| String::from_utf8(o).unwrap())
+        };
+        // What browsers send.
+        assert_eq!(
+            offers(&["permessage-deflate; client_max_window_bits"]).as_deref(),
+            Some("permessage-deflate; client_max_window_bits")
+        );
+        assert_eq!(
+            offers(&[
+                "x-webkit-deflate-frame, Permessage-Deflate ;server_no_context_takeover",
+                "foo; bar=1,permessage-deflate"
+            ])
+            .as_deref(),
+            Some("Permessage-Deflate ;server_no_context_takeover, permessage-deflate")
+        );
+        assert_eq!(offers(&["x-webkit-deflate-frame", " , "]), None);
+        assert_eq!(offers(&[]), None);
+    }
+
+    #[test]
+    fn the_backend_may_agree_only_to_one_permessage_deflate_that_was_offered() {
+        let agreed =
+            |values: &[&str], offered| agreed_deflate(values.iter().map(|v| v.as_bytes()), offered);
+        assert_eq!(agreed(&[], true), Ok(false));
+        assert_eq!(agreed(&[], false), Ok(false));
+        assert_eq!(
+            agreed(&["permessage-deflate; server_max_window_bits=10"], true),
+            Ok(true)
+        );
+        assert!(agreed(&["permessage-deflate"], false).is_err());
+        assert!(agreed(&["x-webkit-deflate-frame"], true).is_err());
+        assert!(agreed(&["permessage-deflate", "permessage-deflate"], true).is_err());
+        assert!(agreed(&["permessage-deflate, foo"], true).is_err());
+    }
 
     #[test]
     fn addresses_are_written_like_display_does() {

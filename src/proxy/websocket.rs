@@ -164,6 +164,21 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
         },
         &mut to_backend,
     );
+    // Frames cross the gateway as they came, so a compression the two ends agree on works
+    // end to end; only permessage-deflate is offered (see `headers::deflate_offers`).
+    let offers = settings
+        .permessage_deflate
+        .then(|| {
+            headers::deflate_offers(
+                req.headers()
+                    .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                    .map(header::HeaderValue::as_bytes),
+            )
+        })
+        .flatten();
+    if let Some(offers) = &offers {
+        headers::put_header(&mut to_backend, b"sec-websocket-extensions", offers);
+    }
     let tls = route.pool.tls.as_ref().unwrap_or(&ctx.upstream_tls);
     let mut last_error = None;
     let candidates = route.pool.candidates(matched.client_ip);
@@ -179,7 +194,11 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
             &to_backend,
             key.as_bytes(),
         );
-        match dial(&server, tls, &request, &accept_key, &settings).await {
+        let expected = Expected {
+            accept_key: &accept_key,
+            deflate_offered: offers.is_some(),
+        };
+        match dial(&server, tls, &request, &expected, &settings).await {
             Ok(answer) => {
                 server.record_success();
                 return Ok(Accepted {
@@ -197,6 +216,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
                         upstream: Arc::from(route.config.upstream.as_str()),
                         client_addr: ClientAddr(req.peer_addr()),
                         route: route.label.clone(),
+                        permessage_deflate: answer.deflate,
                     },
                 });
             }
@@ -274,11 +294,21 @@ fn upgrade_request(path: &str, host: Option<&str>, forwarded: &[u8], key: &[u8])
     request
 }
 
+/// What a backend's answer must agree with.
+struct Expected<'a> {
+    /// The `Sec-WebSocket-Accept` the client's key calls for.
+    accept_key: &'a [u8],
+    /// A permessage-deflate offer went to the backend.
+    deflate_offered: bool,
+}
+
 /// A backend that accepted the upgrade.
 struct BackendAnswer {
     /// The 101 for the client, with the backend's end-to-end headers.
     client_response: Vec<u8>,
     leg: LegIo,
+    /// The backend agreed to permessage-deflate.
+    deflate: bool,
 }
 
 /// Connects to `server` (TCP within `connect_timeout`, then TLS for a TLS server), sends
@@ -287,7 +317,7 @@ async fn dial(
     server: &Server,
     tls: &Arc<rustls::ClientConfig>,
     request: &[u8],
-    accept_key: &[u8],
+    expected: &Expected<'_>,
     settings: &TunnelSettings,
 ) -> Result<BackendAnswer, DialError> {
     let address = (server.config.host.as_str(), server.config.port);
@@ -326,11 +356,12 @@ async fn dial(
             .map_err(|err| DialError::Failed(format!("sending the upgrade: {err}")))?;
         let mut buf = BytesMut::with_capacity(1024);
         loop {
-            if let Some(answer) = read_answer(&buf, accept_key)? {
+            if let Some(answer) = read_answer(&buf, expected)? {
                 let early = buf.split_off(answer.head_len).freeze();
                 return Ok(BackendAnswer {
                     client_response: answer.client_response,
                     leg: LegIo { io, early },
+                    deflate: answer.deflate,
                 });
             }
             if buf.len() >= MAX_HEAD_BYTES {
@@ -363,10 +394,11 @@ async fn dial(
 struct ParsedAnswer {
     head_len: usize,
     client_response: Vec<u8>,
+    deflate: bool,
 }
 
 /// Parses the backend's answer once its head is complete (`None` until then).
-fn read_answer(buf: &[u8], accept_key: &[u8]) -> Result<Option<ParsedAnswer>, DialError> {
+fn read_answer(buf: &[u8], expected: &Expected<'_>) -> Result<Option<ParsedAnswer>, DialError> {
     let mut slots = [httparse::EMPTY_HEADER; 64];
     let mut answer = httparse::Response::new(&mut slots);
     let head_len = match answer.parse(buf) {
@@ -391,16 +423,28 @@ fn read_answer(buf: &[u8], accept_key: &[u8]) -> Result<Option<ParsedAnswer>, Di
             "101 without \"Upgrade: websocket\"".into(),
         ));
     }
-    if value("sec-websocket-accept").map(<[u8]>::trim_ascii) != Some(accept_key) {
+    if value("sec-websocket-accept").map(<[u8]>::trim_ascii) != Some(expected.accept_key) {
         return Err(DialError::Failed(
             "the Sec-WebSocket-Accept of the answer does not match the key".into(),
         ));
     }
+    let extensions = || {
+        answer
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+            .map(|h| h.value)
+    };
+    let deflate = headers::agreed_deflate(extensions(), expected.deflate_offered)
+        .map_err(DialError::Failed)?;
     let mut response = Vec::with_capacity(256);
     response.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
     );
-    headers::put_header(&mut response, b"Sec-WebSocket-Accept", accept_key);
+    headers::put_header(&mut response, b"Sec-WebSocket-Accept", expected.accept_key);
+    for agreed in extensions() {
+        headers::put_header(&mut response, b"Sec-WebSocket-Extensions", agreed);
+    }
     // The backend's subprotocol choice, cookies and other end-to-end headers reach the
     // client; the per-leg WebSocket headers do not.
     let pairs = answer.headers.iter().map(|h| (h.name, h.value));
@@ -411,6 +455,7 @@ fn read_answer(buf: &[u8], accept_key: &[u8]) -> Result<Option<ParsedAnswer>, Di
     Ok(Some(ParsedAnswer {
         head_len,
         client_response: response,
+        deflate,
     }))
 }
 
@@ -449,8 +494,13 @@ mod tests {
     /// RFC 6455 §1.3's example key and its accept value.
     const ACCEPT: &[u8] = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
+    const OFFERED: Expected = Expected {
+        accept_key: ACCEPT,
+        deflate_offered: true,
+    };
+
     fn answer(head: &str) -> Result<Option<ParsedAnswer>, DialError> {
-        read_answer(head.as_bytes(), ACCEPT)
+        read_answer(head.as_bytes(), &OFFERED)
     }
 
     #[test]
@@ -460,7 +510,8 @@ mod tests {
                     Sec-WebSocket-Extensions: permessage-deflate\r\nX-Hop: 1\r\nSet-Cookie: a=1\r\n\r\n";
         let mut bytes = head.as_bytes().to_vec();
         bytes.extend_from_slice(b"\x81\x00");
-        let parsed = read_answer(&bytes, ACCEPT).unwrap().unwrap();
+        let parsed = read_answer(&bytes, &OFFERED).unwrap().unwrap();
+        assert!(parsed.deflate);
         assert_eq!(
             parsed.head_len,
             head.len(),
@@ -472,7 +523,8 @@ mod tests {
         assert!(response.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(response.contains("Sec-WebSocket-Protocol: chat\r\n"));
         assert!(response.contains("Set-Cookie: a=1\r\n"));
-        for gone in ["Extensions", "X-Hop", "Upgrade, X-Hop"] {
+        assert!(response.contains("Sec-WebSocket-Extensions: permessage-deflate\r\n"));
+        for gone in ["X-Hop", "Upgrade, X-Hop"] {
             assert!(
                 !response.contains(gone),
                 "{gone} reached the client: {response}"
@@ -499,5 +551,35 @@ mod tests {
             answer("NOT HTTP\r\n\r\n"),
             Err(DialError::Failed(_))
         ));
+    }
+
+    #[test]
+    fn an_extension_that_was_not_offered_fails_the_server() {
+        let agreeing = |extension: &str| {
+            format!(
+                "HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+                 Sec-WebSocket-Extensions: {extension}\r\n\r\n"
+            )
+        };
+        let not_offered = Expected {
+            accept_key: ACCEPT,
+            deflate_offered: false,
+        };
+        assert!(matches!(
+            read_answer(agreeing("permessage-deflate").as_bytes(), &not_offered),
+            Err(DialError::Failed(_))
+        ));
+        assert!(matches!(
+            answer(&agreeing("x-webkit-deflate-frame")),
+            Err(DialError::Failed(_))
+        ));
+        let plain = "HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        let parsed = answer(plain).unwrap().unwrap();
+        assert!(!parsed.deflate);
+        assert!(
+            !String::from_utf8(parsed.client_response)
+                .unwrap()
+                .contains("Extensions")
+        );
     }
 }

@@ -65,6 +65,9 @@ pub struct TunnelParams {
     /// For logs: who is on each end.
     pub client_addr: ClientAddr,
     pub route: Arc<str>,
+    /// Client and backend agreed on permessage-deflate: the first frame of a data
+    /// message may carry RSV1.
+    pub permessage_deflate: bool,
 }
 
 /// The client's address for logs, formatted only when a log line is written (a string
@@ -158,12 +161,16 @@ impl Tunnel {
     /// tunnel's permits and the registry).
     pub fn start(client: LegIo, backend: LegIo, params: TunnelParams) {
         let s = params.settings;
+        let compressed = params.permessage_deflate;
         // An empty `Bytes` frozen from a handshake's read buffer still pins that buffer's
         // whole capacity (8 KiB per leg): keep the bytes only if there are any.
         let early = |b: bytes::Bytes| if b.is_empty() { bytes::Bytes::new() } else { b };
         Tunnel {
             io: [client.io, backend.io],
-            dirs: [Direction::new(Leg::Client), Direction::new(Leg::Backend)],
+            dirs: [
+                Direction::new(Leg::Client, compressed),
+                Direction::new(Leg::Backend, compressed),
+            ],
             pending: [Vec::new(), Vec::new()],
             inject: [Vec::new(), Vec::new()],
             eof: [false; 2],

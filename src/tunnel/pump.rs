@@ -86,6 +86,8 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct Direction {
     from: Leg,
+    /// permessage-deflate was agreed: the first frame of a data message may set RSV1.
+    compressed: bool,
     /// Bytes read but not yet forwarded: an incomplete header or control frame.
     partial: Vec<u8>,
     /// Payload bytes of the current data frame still to pass through.
@@ -102,9 +104,10 @@ pub struct Direction {
 }
 
 impl Direction {
-    pub fn new(from: Leg) -> Direction {
+    pub fn new(from: Leg, compressed: bool) -> Direction {
         Direction {
             from,
+            compressed,
             partial: Vec::new(),
             frame_left: 0,
             fragment: None,
@@ -207,6 +210,13 @@ impl Direction {
             };
             // RFC 6455 §5.1: clients mask every frame, servers none.
             if header.mask.is_some() != (self.from == Leg::Client) {
+                return Err(Ending::Protocol(self.from));
+            }
+            // RFC 7692 §6: RSV1 marks a compressed message, so it is set only on the first
+            // frame of a data message, and only where permessage-deflate was agreed.
+            if header.rsv1
+                && !(self.compressed && !header.is_control() && header.opcode != OP_CONTINUATION)
+            {
                 return Err(Ending::Protocol(self.from));
             }
             if header.is_control() {
@@ -323,7 +333,7 @@ mod tests {
 
     #[test]
     fn whole_data_frames_are_forwarded_without_a_copy() {
-        let mut dir = Direction::new(Leg::Client);
+        let mut dir = Direction::new(Leg::Client, false);
         let mut input = frame(Leg::Client, true, OP_TEXT, b"one");
         input.extend(frame(Leg::Client, true, OP_BINARY, &[9u8; 200]));
         let mut out = Vec::new();
@@ -349,7 +359,7 @@ mod tests {
             stream.extend(frame(from, true, OP_PING, b"app"));
             stream.extend(frame(from, true, OP_CONTINUATION, &[8u8; 200]));
             for chunk in [1, 2, 3, 7, 64, 1000] {
-                let mut dir = Direction::new(from);
+                let mut dir = Direction::new(from, false);
                 let mut out = Vec::new();
                 for piece in stream.chunks(chunk) {
                     forward(&mut dir, piece, &mut out).unwrap();
@@ -361,7 +371,7 @@ mod tests {
 
     #[test]
     fn heartbeat_pongs_are_consumed_others_pass() {
-        let mut dir = Direction::new(Leg::Client);
+        let mut dir = Direction::new(Leg::Client, false);
         let hb = frame(Leg::Client, true, OP_PONG, HEARTBEAT_PAYLOAD);
         let app = frame(Leg::Client, true, OP_PONG, b"app-pong");
         let mut input = hb.clone();
@@ -380,7 +390,7 @@ mod tests {
 
     #[test]
     fn close_is_forwarded_noted_and_ends_the_direction() {
-        let mut dir = Direction::new(Leg::Backend);
+        let mut dir = Direction::new(Leg::Backend, false);
         let close = control_frame(OP_CLOSE, &wire::close_payload(4001, "bye"), None);
         let mut input = close.clone();
         input.extend(frame(Leg::Backend, true, OP_TEXT, b"after close"));
@@ -394,20 +404,28 @@ mod tests {
     fn masking_rules_and_fragment_order_are_enforced() {
         let unmasked_from_client = frame(Leg::Backend, true, OP_TEXT, b"x");
         assert_eq!(
-            run(&mut Direction::new(Leg::Client), &unmasked_from_client).1,
+            run(
+                &mut Direction::new(Leg::Client, false),
+                &unmasked_from_client
+            )
+            .1,
             Err(Ending::Protocol(Leg::Client))
         );
         let masked_from_backend = frame(Leg::Client, true, OP_TEXT, b"x");
         assert_eq!(
-            run(&mut Direction::new(Leg::Backend), &masked_from_backend).1,
+            run(
+                &mut Direction::new(Leg::Backend, false),
+                &masked_from_backend
+            )
+            .1,
             Err(Ending::Protocol(Leg::Backend))
         );
         let stray = frame(Leg::Client, true, OP_CONTINUATION, b"x");
         assert_eq!(
-            run(&mut Direction::new(Leg::Client), &stray).1,
+            run(&mut Direction::new(Leg::Client, false), &stray).1,
             Err(Ending::Protocol(Leg::Client))
         );
-        let mut dir = Direction::new(Leg::Client);
+        let mut dir = Direction::new(Leg::Client, false);
         run(&mut dir, &frame(Leg::Client, false, OP_TEXT, b"a"))
             .1
             .unwrap();
@@ -416,21 +434,62 @@ mod tests {
             Err(Ending::Protocol(Leg::Client))
         );
         assert_eq!(
-            run(&mut Direction::new(Leg::Client), &[0xC2, 0x80, 0, 0, 0, 0]).1,
+            run(
+                &mut Direction::new(Leg::Client, false),
+                &[0xC2, 0x80, 0, 0, 0, 0]
+            )
+            .1,
             Err(Ending::Protocol(Leg::Client)),
             "RSV bits"
         );
     }
 
     #[test]
+    fn rsv1_passes_on_first_data_frames_only_where_permessage_deflate_was_agreed() {
+        // RFC 7692 §7.2.3.1: "Hello", compressed, in one unmasked frame.
+        let hello = [0xC1, 0x07, 0xF2, 0x48, 0xCD, 0xC9, 0xC9, 0x07, 0x00];
+        let mut dir = Direction::new(Leg::Backend, true);
+        let (out, seen) = run(&mut dir, &hello);
+        assert_eq!(out, hello, "forwarded as it came");
+        assert!(seen.unwrap().data);
+        // Fragmented: RSV1 on the first frame only.
+        let mut first = hello;
+        first[0] = 0x41;
+        let mut dir = Direction::new(Leg::Backend, true);
+        run(&mut dir, &first[..]).1.unwrap();
+        let mut last = hello;
+        last[0] = 0xC0;
+        assert_eq!(
+            run(&mut dir, &last[..]).1,
+            Err(Ending::Protocol(Leg::Backend)),
+            "RSV1 on a continuation frame"
+        );
+        assert_eq!(
+            run(&mut Direction::new(Leg::Backend, true), &[0xC9, 0x00]).1,
+            Err(Ending::Protocol(Leg::Backend)),
+            "RSV1 on a ping"
+        );
+        assert_eq!(
+            run(&mut Direction::new(Leg::Backend, false), &hello).1,
+            Err(Ending::Protocol(Leg::Backend)),
+            "RSV1 without permessage-deflate"
+        );
+        let mut masked = frame(Leg::Client, true, OP_TEXT, b"compressed bytes");
+        masked[0] |= 0x40;
+        let (out, seen) = run(&mut Direction::new(Leg::Client, true), &masked);
+        assert_eq!(out, masked);
+        assert!(seen.is_ok());
+    }
+
+    #[test]
     fn frame_and_message_limits_apply_before_any_payload_is_forwarded() {
         let (out, r) = run(
-            &mut Direction::new(Leg::Client),
+            &mut Direction::new(Leg::Client, false),
             &frame(Leg::Client, true, OP_BINARY, &[0; 1001]),
         );
         assert_eq!(r, Err(Ending::TooBig(Leg::Client)));
         assert!(out.is_empty());
-        let mut dir = Direction::new(Leg::Backend);
+        let mut dir = Direction::new(Leg::Backend, false);
         run(&mut dir, &frame(Leg::Backend, false, OP_BINARY, &[0; 800]))
             .1
             .unwrap();
@@ -446,7 +505,7 @@ mod tests {
 
     #[test]
     fn a_partial_header_waits_for_its_bytes_without_holding_memory_after() {
-        let mut dir = Direction::new(Leg::Client);
+        let mut dir = Direction::new(Leg::Client, false);
         let f = frame(Leg::Client, true, OP_BINARY, &[5; 10]);
         let (out, _) = run(&mut dir, &f[..3]);
         assert!(out.is_empty());

@@ -19,6 +19,9 @@ pub const OP_PONG: u8 = 0xA;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub fin: bool,
+    /// RSV1 (permessage-deflate's "compressed" bit, RFC 7692 §6): whether it may be set
+    /// depends on what the peers agreed, so the relay decides.
+    pub rsv1: bool,
     pub opcode: u8,
     pub mask: Option<[u8; 4]>,
     pub payload_len: u64,
@@ -35,7 +38,7 @@ impl Header {
 /// Why a header is not acceptable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireError {
-    /// RSV bits set without a negotiated extension.
+    /// RSV2 or RSV3 set: no extension the gateway lets through uses them.
     ReservedBits,
     /// An opcode RFC 6455 does not define.
     UnknownOpcode(u8),
@@ -52,9 +55,10 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, WireError> {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0x70 != 0 {
+    if b0 & 0x30 != 0 {
         return Err(WireError::ReservedBits);
     }
+    let rsv1 = b0 & 0x40 != 0;
     let fin = b0 & 0x80 != 0;
     let opcode = b0 & 0x0f;
     if !matches!(
@@ -100,6 +104,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, WireError> {
     };
     Ok(Some(Header {
         fin,
+        rsv1,
         opcode,
         mask,
         payload_len,
@@ -194,6 +199,7 @@ mod tests {
                 parsed,
                 Header {
                     fin: true,
+                    rsv1: false,
                     opcode: OP_BINARY,
                     mask,
                     payload_len: len as u64,
@@ -209,7 +215,12 @@ mod tests {
 
     #[test]
     fn rejects_what_rfc_6455_forbids() {
-        assert_eq!(parse(&[0xC1, 0x00]), Err(WireError::ReservedBits));
+        assert_eq!(parse(&[0xA1, 0x00]), Err(WireError::ReservedBits), "RSV2");
+        assert_eq!(parse(&[0x91, 0x00]), Err(WireError::ReservedBits), "RSV3");
+        assert_eq!(
+            parse(&[0xC1, 0x00]).map(|h| h.map(|h| h.rsv1)),
+            Ok(Some(true))
+        );
         assert_eq!(parse(&[0x83, 0x00]), Err(WireError::UnknownOpcode(3)));
         assert_eq!(
             parse(&[0x09, 0x00]),

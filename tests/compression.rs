@@ -1,0 +1,160 @@
+//! permessage-deflate (RFC 7692) end to end: the client's offer reaches the backend, the
+//! backend's agreement reaches the client, and compressed frames (RSV1 set) cross the
+//! gateway as they came. Both ends are raw sockets here: the test's WebSocket library
+//! does not implement the extension, and the frames are the point.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+/// RFC 7692 §7.2.3.1: "Hello" compressed, in one unmasked frame with RSV1 set.
+const HELLO: [u8; 9] = [0xC1, 0x07, 0xF2, 0x48, 0xCD, 0xC9, 0xC9, 0x07, 0x00];
+
+/// The same compressed message as a client sends it: masked, RSV1 set.
+fn masked_hello() -> Vec<u8> {
+    let key = [0x37, 0xFA, 0x21, 0x3D];
+    let mut frame = vec![0xC1, 0x80 | 7];
+    frame.extend_from_slice(&key);
+    frame.extend(HELLO[2..].iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}
+
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(STEP, stream.read(&mut byte))
+            .await
+            .expect("a head in time")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed inside a head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+async fn read_exactly(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; n];
+    tokio::time::timeout(STEP, stream.read_exact(&mut bytes))
+        .await
+        .expect("bytes in time")
+        .unwrap();
+    bytes
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// A backend for one connection that agrees to permessage-deflate when offered it (with
+/// `server_no_context_takeover`, as a server may), sends the compressed "Hello", and
+/// returns the upgrade head it got with the first `expect` bytes that came after it.
+async fn deflate_backend(
+    expect: usize,
+) -> (SocketAddr, tokio::task::JoinHandle<(String, Vec<u8>)>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut stream).await;
+        let key = header(&head, "sec-websocket-key").unwrap();
+        let offered = header(&head, "sec-websocket-extensions")
+            .is_some_and(|offers| offers.contains("permessage-deflate"));
+        let agreed = if offered {
+            "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n"
+        } else {
+            ""
+        };
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n{agreed}\r\n",
+            derive_accept_key(key.as_bytes())
+        );
+        stream.write_all(answer.as_bytes()).await.unwrap();
+        if offered {
+            stream.write_all(&HELLO).await.unwrap();
+        }
+        let got = read_exactly(&mut stream, expect).await;
+        (head, got)
+    });
+    (addr, task)
+}
+
+/// Opens a WebSocket through the gateway offering permessage-deflate (and an extension
+/// the gateway does not know), returning the socket and the gateway's 101.
+async fn upgrade(gateway: SocketAddr) -> (TcpStream, String) {
+    let mut client = TcpStream::connect(gateway).await.unwrap();
+    client
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits, x-private-frames\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (client, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_frames_cross_the_gateway_when_both_ends_agree() {
+    let hello = masked_hello();
+    let (backend, seen) = deflate_backend(hello.len()).await;
+    let gw = gateway(&simple_config(1, ""), &[backend]);
+    let (mut client, answer) = upgrade(addr(&gw)).await;
+    assert_eq!(
+        header(&answer, "sec-websocket-extensions"),
+        Some("permessage-deflate; server_no_context_takeover"),
+        "the backend's agreement reaches the client: {answer}"
+    );
+    assert_eq!(read_exactly(&mut client, HELLO.len()).await, HELLO);
+    client.write_all(&hello).await.unwrap();
+    let (head, got) = seen.await.unwrap();
+    assert_eq!(
+        got, hello,
+        "the client's compressed frame reaches the backend as sent"
+    );
+    assert_eq!(
+        header(&head, "sec-websocket-extensions"),
+        Some("permessage-deflate; client_max_window_bits"),
+        "only the offer the gateway understands reaches the backend: {head}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_permessage_deflate_off_nothing_is_agreed_and_a_compressed_frame_is_refused() {
+    // Two bytes for the backend: the first ones after the upgrade are the gateway's close.
+    let (backend, seen) = deflate_backend(2).await;
+    let gw = gateway(&simple_config(1, "permessage_deflate = false"), &[backend]);
+    let (mut client, answer) = upgrade(addr(&gw)).await;
+    assert_eq!(
+        header(&answer, "sec-websocket-extensions"),
+        None,
+        "{answer}"
+    );
+    client.write_all(&masked_hello()).await.unwrap();
+    // RFC 7692 §6: RSV1 without the extension fails the connection (1002).
+    let close = read_exactly(&mut client, 4).await;
+    assert_eq!(close[0], 0x88, "a close frame: {close:?}");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1002);
+    let (head, got) = seen.await.unwrap();
+    assert_eq!(header(&head, "sec-websocket-extensions"), None, "{head}");
+    assert_eq!(
+        got[0], 0x88,
+        "the backend gets a close frame, not the compressed one"
+    );
+}
