@@ -179,6 +179,10 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
     if let Some(offers) = &offers {
         headers::put_header(&mut to_backend, b"sec-websocket-extensions", offers);
     }
+    let expected = Expected {
+        accept_key: &accept_key,
+        deflate_offered: offers.is_some(),
+    };
     let tls = route.pool.tls.as_ref().unwrap_or(&ctx.upstream_tls);
     let mut last_error = None;
     let candidates = route.pool.candidates(matched.client_ip);
@@ -194,10 +198,6 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
             &to_backend,
             key.as_bytes(),
         );
-        let expected = Expected {
-            accept_key: &accept_key,
-            deflate_offered: offers.is_some(),
-        };
         match dial(&server, tls, &request, &expected, &settings).await {
             Ok(answer) => {
                 server.record_success();
