@@ -121,11 +121,7 @@ async fn sigterm_sends_500_clients_1001_spread_over_shutdown_spread_then_exits_0
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + STEP;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "gateway did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port);
     let mut clients = Vec::new();
     for _ in 0..500 {
         clients.push(connect(&format!("ws://127.0.0.1:{port}/")).await);
@@ -186,6 +182,15 @@ async fn sigterm_sends_500_clients_1001_spread_over_shutdown_spread_then_exits_0
     assert!(exit.success(), "{exit:?}");
 }
 
+/// Waits until a gateway started by the test accepts connections on `port`.
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + STEP;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs the gateway on `config` with at most `limit` open files, its log in `log`, and
 /// waits until it listens on `port`.
 fn run_with_fd_limit(
@@ -204,11 +209,7 @@ fn run_with_fd_limit(
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + STEP;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "gateway did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port);
     child
 }
 
