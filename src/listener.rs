@@ -237,7 +237,7 @@ pub fn prepare(
 }
 
 /// A listener with a socket handle for each worker, not yet accepting (see [`prepare`]).
-/// Dropped unserved, it closes those handles and nothing ever listened with its settings.
+/// Dropped unserved, it closes those handles: no connection is accepted with its settings.
 pub struct ReadyListener {
     listener: RunningListener,
     accept_loops: Vec<(actix_rt::ArbiterHandle, Worker)>,

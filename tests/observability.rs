@@ -248,4 +248,8 @@ async fn a_tunnel_writes_one_json_access_log_line() {
     assert!(line["bytes_out"].as_u64().unwrap() >= 7, "{line}");
     assert!(line["client"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert!(line["duration_ms"].is_u64());
+    assert_eq!(
+        line["permessage_deflate"], false,
+        "the backend agreed to none: {line}"
+    );
 }

@@ -610,6 +610,7 @@ impl Actor for Tunnel {
                 frames_in = self.frames[0], bytes_in = self.bytes[0],
                 frames_out = self.frames[1], bytes_out = self.bytes[1],
                 close_code = code.map_or(0, u64::from), closed_by,
+                permessage_deflate = self.dirs[0].compressed(),
                 ending = ?self.ending, "tunnel");
         }
         tracing::debug!(client = %self.client_addr, route = %self.route,

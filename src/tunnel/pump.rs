@@ -125,6 +125,11 @@ impl Direction {
         }
     }
 
+    /// permessage-deflate was agreed for the tunnel.
+    pub fn compressed(&self) -> bool {
+        self.compressed
+    }
+
     /// The leg sent its Close frame.
     pub fn closed(&self) -> bool {
         self.closed
