@@ -6,6 +6,8 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -156,5 +158,136 @@ async fn with_permessage_deflate_off_nothing_is_agreed_and_a_compressed_frame_is
     assert_eq!(
         got[0], 0x88,
         "the backend gets a close frame, not the compressed one"
+    );
+}
+
+/// The page the browser test loads: it opens a WebSocket to the same host, reports what it
+/// got and which extension was agreed (a plain request to `/report/DATA/EXTENSIONS`), and
+/// answers with a message of its own.
+const PAGE: &str = "<!doctype html><body>waiting</body><script>\
+    const ws = new WebSocket('ws://' + location.host + '/ws');\
+    ws.onmessage = (e) => { fetch('/report/' + e.data + '/' + ws.extensions);\
+                            ws.send('Hello from the browser, compressed'); };\
+    ws.onerror = () => { fetch('/report/error/'); };\
+    </script>";
+
+/// What the browser's side of the test reached the backend with.
+enum FromBrowser {
+    /// The path of a `/report/...` request.
+    Report(String),
+    /// The first byte of the browser's WebSocket message (its FIN, RSV and opcode bits).
+    FirstByte(u8),
+}
+
+/// A backend for a browser: `/report/...` requests are passed on, any other plain GET gets
+/// [`PAGE`]; an upgrade is agreed with permessage-deflate and gets the compressed "Hello".
+async fn browser_backend(to_test: tokio::sync::mpsc::Sender<FromBrowser>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let to_test = to_test.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut stream).await;
+                let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+                let Some(key) = header(&head, "sec-websocket-key") else {
+                    let body = if path.starts_with("/report/") {
+                        let _ = to_test.send(FromBrowser::Report(path)).await;
+                        ""
+                    } else {
+                        PAGE
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+                         Connection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    return;
+                };
+                let agreed = if header(&head, "sec-websocket-extensions")
+                    .is_some_and(|offers| offers.contains("permessage-deflate"))
+                {
+                    "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+                } else {
+                    ""
+                };
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Accept: {}\r\n{agreed}\r\n",
+                    derive_accept_key(key.as_bytes())
+                );
+                stream.write_all(answer.as_bytes()).await.unwrap();
+                // Without the extension the page still gets "Hello", uncompressed.
+                let hello: &[u8] = if agreed.is_empty() {
+                    b"\x81\x05Hello"
+                } else {
+                    &HELLO
+                };
+                stream.write_all(hello).await.unwrap();
+                let byte = read_exactly(&mut stream, 1).await;
+                let _ = to_test.send(FromBrowser::FirstByte(byte[0])).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Ends the browser and every process it started when the test ends, however it ends.
+struct Browser(std::process::Child);
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Chromium runs in a process group of its own (renderer, GPU and zygote processes).
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_gets_compression_through_the_gateway() {
+    let (to_test, mut from_browser) = tokio::sync::mpsc::channel(4);
+    let backend = browser_backend(to_test).await;
+    let gw = gateway(&simple_config(1, ""), &[backend]);
+    let profile = tempfile::tempdir().unwrap();
+    let _browser = Browser(
+        std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("http://{}/page", addr(&gw)))
+            .process_group(0)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromium is installed (.ci/run installs Debian's chromium)"),
+    );
+    let (mut report, mut first_byte) = (None, None);
+    while report.is_none() || first_byte.is_none() {
+        match tokio::time::timeout(Duration::from_secs(30), from_browser.recv())
+            .await
+            .expect("the page reports and its message arrives within 30 s")
+            .unwrap()
+        {
+            FromBrowser::Report(path) => report = Some(path),
+            FromBrowser::FirstByte(byte) => first_byte = Some(byte),
+        }
+    }
+    assert_eq!(
+        report.as_deref(),
+        Some("/report/Hello/permessage-deflate"),
+        "the browser inflated the backend's compressed frame and names the extension"
+    );
+    let first_byte = first_byte.unwrap();
+    assert_eq!(
+        first_byte & 0x40,
+        0x40,
+        "the browser's message arrived compressed (RSV1): {first_byte:#x}"
     );
 }
