@@ -50,8 +50,10 @@ impl Snapshot {
                             .pools
                             .values()
                             .flat_map(|p| p.servers.iter())
-                            // By address: a new weight keeps the server and its counters.
-                            .find(|s| s.config.addr == server.addr)
+                            // The same endpoint keeps the server and its counters (a new
+                            // weight or role is the pool's business); the same address
+                            // with TLS switched on or off is a new endpoint, dialled anew.
+                            .find(|s| s.config.addr == server.addr && s.config.tls == server.tls)
                             .cloned()
                     },
                 )),

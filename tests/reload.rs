@@ -547,3 +547,32 @@ async fn a_new_header_timeout_applies_to_the_next_connection() {
         "the earlier connection was answered under the new timeout"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_a_reloaded_weight() {
+    let admin_port = free_port();
+    let config = |server: &str| {
+        format!(
+            "[gateway]\nworkers = 1\nadmin = \"127.0.0.1:{admin_port}\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n\
+             [[route]]\nupstream = \"u\"\n[upstream.u]\nservers = [{server}]\n"
+        )
+    };
+    let gw = Reloadable::start(&config("\"10.0.0.1:9000\""));
+    let admin = gw.gw.admin.expect("admin bound");
+    let weight = || async move {
+        let (_, _, body) = http(
+            admin,
+            "GET /status HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        status["upstreams"][0]["servers"][0]["weight"].as_u64()
+    };
+    assert_eq!(weight().await, Some(1));
+    // The server stays (its counters with it); the status shows the weight it has now.
+    gw.write_by_rename(&config("{ addr = \"10.0.0.1:9000\", weight = 3 }"));
+    eventually("the new weight on /status", VISIBLE_WITHIN, || async {
+        (weight().await == Some(3)).then_some(())
+    })
+    .await;
+}

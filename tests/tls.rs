@@ -413,3 +413,32 @@ where
     ws.send(Message::text(text)).await.unwrap();
     assert_eq!(next_data(ws).await, Message::text(text));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_puts_a_server_behind_tls_dials_it_with_tls() {
+    let pki = Pki::new();
+    let backend = tls_backend(&pki).await;
+    std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
+    // max_fails = 0: the failures while the file says plain must not take the server out.
+    let config = |server: &str| {
+        format!(
+            "[gateway]\nworkers = 1\n[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\nupstream = \"u\"\n\
+             [upstream.u]\nca = \"ca.pem\"\nmax_fails = 0\nservers = [\"{server}\"]\n"
+        )
+    };
+    let path = pki.path("config.toml");
+    std::fs::write(&path, config(&format!("ws://{backend}"))).unwrap();
+    let gw = gateway_watching(&path);
+    let url = format!("ws://{}/", gw.listeners[0].addr);
+    let (status, body) = refused_status(&url).await;
+    assert_eq!(status, 502, "a plain dial to a TLS server: {body}");
+    // The same address, now with wss://.
+    let tmp = pki.path("config.toml.tmp");
+    std::fs::write(&tmp, config(&format!("wss://{backend}"))).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let mut ws = eventually("the server is dialled with TLS", RELOADED, || async {
+        Some(tokio_tungstenite::connect_async(&url).await.ok()?.0)
+    })
+    .await;
+    echoes(&mut ws, "over TLS now").await;
+}

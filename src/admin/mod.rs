@@ -65,13 +65,16 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
         .pools
         .iter()
         .map(|(name, pool)| {
+            // The weight as the pool has it now: a server kept across a reload keeps the
+            // configuration it was first built with.
             let servers: Vec<_> = pool
                 .servers
                 .iter()
-                .map(|s| {
+                .zip(&pool.config.servers)
+                .map(|(s, configured)| {
                     json!({
                         "addr": s.config.addr,
-                        "weight": s.config.weight,
+                        "weight": configured.weight,
                         "healthy": s.healthy(),
                         "in_rotation": s.available(),
                         "live_tunnels": s.live_tunnels(),

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use super::{Config, HostMatch, RouteConfig};
+use super::{Config, HostMatch, RouteConfig, UpstreamConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Change {
@@ -30,7 +30,8 @@ pub enum Change {
         upstream: String,
         server: String,
     },
-    /// Balance, weights or drain settings.
+    /// Any setting of the upstream (balance, health, drain, TLS, ...) or of a server that
+    /// stays (weight, scheme).
     UpstreamChanged(String),
     /// `[gateway]` settings: `workers` at the next restart, the others at once.
     GatewayChanged,
@@ -139,16 +140,17 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
                 });
             }
         }
-        let weights_changed = u.servers.iter().any(|s| {
-            o.servers
-                .iter()
-                .any(|os| os.addr == s.addr && os.weight != s.weight)
-        });
-        if o.balance != u.balance
-            || weights_changed
-            || o.drain_timeout != u.drain_timeout
-            || o.drain_spread != u.drain_spread
-        {
+        // A server that stays with another weight or scheme, or any setting of the upstream
+        // itself; servers coming and going are their own changes above.
+        let kept_server_changed = u
+            .servers
+            .iter()
+            .any(|s| o.servers.iter().any(|os| os.addr == s.addr && os != s));
+        let without_servers = |c: &UpstreamConfig| UpstreamConfig {
+            servers: Vec::new(),
+            ..c.clone()
+        };
+        if kept_server_changed || without_servers(o) != without_servers(u) {
             changes.insert(Change::UpstreamChanged(name.clone()));
         }
     }
@@ -228,6 +230,18 @@ mod tests {
                         "\"10.0.0.1:9000\"",
                         "{ addr = \"10.0.0.1:9000\", weight = 3 }",
                     )
+                }),
+                vec!["~upstream chat"],
+            ),
+            (
+                "put a server behind TLS",
+                Box::new(|b: &str| b.replace("\"10.0.0.1:9000\"", "\"wss://10.0.0.1:9000\"")),
+                vec!["~upstream chat"],
+            ),
+            (
+                "take servers out after one failure in 30 s",
+                Box::new(|b: &str| {
+                    b.replace("[upstream.chat]", "[upstream.chat]\nfail_timeout = \"30s\"")
                 }),
                 vec!["~upstream chat"],
             ),
