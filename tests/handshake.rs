@@ -134,6 +134,26 @@ async fn a_down_server_is_skipped_for_the_next_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_takes_tunnels_only_when_the_other_servers_cannot() {
+    let primary = WsBackend::start("primary", Behavior::Echo).await;
+    let backup = WsBackend::start("backup", Behavior::Echo).await;
+    let with_backup = simple_config(2, "").replace(
+        "\"{BACKEND_2}\"",
+        "{ addr = \"{BACKEND_2}\", backup = true }",
+    );
+    let gw = gateway(&with_backup, &[primary.addr, backup.addr]);
+    for _ in 0..6 {
+        assert_eq!(whoami_at(&format!("ws://{}/", addr(&gw))).await, "primary");
+    }
+    assert_eq!(backup.handshakes(), 0);
+    // The only other server cannot be reached: the backup takes the tunnel.
+    let gw = gateway(&with_backup, &[dead_port(), backup.addr]);
+    for _ in 0..2 {
+        assert_eq!(whoami_at(&format!("ws://{}/", addr(&gw))).await, "backup");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_servers_down_is_502() {
     let gw = gateway(&simple_config(2, ""), &[dead_port(), dead_port()]);
     let (status, body) = refused_status(&format!("ws://{}/", addr(&gw))).await;

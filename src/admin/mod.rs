@@ -75,6 +75,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
                     json!({
                         "addr": s.config.addr,
                         "weight": configured.weight,
+                        "backup": configured.backup,
                         "healthy": s.healthy(),
                         "in_rotation": s.available(),
                         "live_tunnels": s.live_tunnels(),

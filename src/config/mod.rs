@@ -281,6 +281,8 @@ pub struct ServerConfig {
     pub host: String,
     pub port: u16,
     pub weight: u32,
+    /// Tried only after every other server of the upstream (nginx's `backup`).
+    pub backup: bool,
     /// Reached over TLS (`wss://`, `https://`, or `tls = true` on the upstream).
     pub tls: bool,
 }
@@ -827,11 +829,13 @@ impl Validator<'_> {
         }
         let mut servers: Vec<ServerConfig> = Vec::new();
         for server in raw.servers.get_ref() {
-            let (addr, weight) = match server.get_ref() {
-                RawServer::Addr(addr) => (addr.clone(), defaults::SERVER_WEIGHT),
-                RawServer::Table(t) => {
-                    (t.addr.clone(), t.weight.unwrap_or(defaults::SERVER_WEIGHT))
-                }
+            let (addr, weight, backup) = match server.get_ref() {
+                RawServer::Addr(addr) => (addr.clone(), defaults::SERVER_WEIGHT, false),
+                RawServer::Table(t) => (
+                    t.addr.clone(),
+                    t.weight.unwrap_or(defaults::SERVER_WEIGHT),
+                    t.backup == Some(true),
+                ),
             };
             if weight == 0 {
                 return self.err(server.span(), "weight must be at least 1");
@@ -865,7 +869,14 @@ impl Validator<'_> {
                 host,
                 port,
                 weight,
+                backup,
             });
+        }
+        if servers.iter().all(|s| s.backup) {
+            return self.err(
+                raw.servers.span(),
+                format!("upstream {name:?} has only backup servers: a backup is tried after the others, so at least one must not be one"),
+            );
         }
         Ok(UpstreamConfig {
             name: name.to_string(),

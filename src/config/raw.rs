@@ -237,7 +237,7 @@ pub struct RawHealthCheck {
     pub path: Option<String>,
 }
 
-/// A server: `"host:port"` or `{ addr = "host:port", weight = 2 }`.
+/// A server: `"host:port"` or `{ addr = "host:port", weight = 2, backup = true }`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum RawServer {
@@ -250,4 +250,5 @@ pub enum RawServer {
 pub struct RawServerTable {
     pub addr: String,
     pub weight: Option<u32>,
+    pub backup: Option<bool>,
 }

@@ -50,7 +50,7 @@ fn routes_inherit_defaults_and_override_them() {
         [upstream.u]
         balance = "consistent_hash"
         hash_key = "remote_addr"
-        servers = ["10.0.0.1:9000", { addr = "[::1]:9001", weight = 2 }]
+        servers = ["10.0.0.1:9000", { addr = "[::1]:9001", weight = 2 }, { addr = "10.0.0.3:9000", backup = true }]
         "#,
         "c.toml",
     )
@@ -71,6 +71,10 @@ fn routes_inherit_defaults_and_override_them() {
         ("::1", 9001, 2)
     );
     assert_eq!(servers[1].addr, "[::1]:9001");
+    assert_eq!(
+        servers.iter().map(|s| s.backup).collect::<Vec<_>>(),
+        [false, false, true]
+    );
 }
 
 /// Every rejected file names the place and the problem.
@@ -121,6 +125,10 @@ fn errors_name_file_line_column_and_problem() {
         (
             "[upstream.u]\nservers = [\"a:1\", \"a:1\"]\n",
             "config.toml:2:19: server \"a:1\" is listed twice",
+        ),
+        (
+            "[upstream.u]\nservers = [{ addr = \"a:1\", backup = true }]\n",
+            "config.toml:2:11: upstream \"u\" has only backup servers",
         ),
         (
             "[[route]]\npath = \"socket\"\nupstream = \"u\"\n[upstream.u]\nservers = [\"a:1\"]\n",

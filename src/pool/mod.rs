@@ -151,10 +151,16 @@ enum Balancer {
 #[derive(Debug)]
 pub struct Pool {
     pub config: Arc<UpstreamConfig>,
+    /// Every server, in configuration order (index-aligned with `config.servers`).
     pub servers: Vec<Arc<Server>>,
     /// Client TLS settings for the servers reached over TLS.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Indices into `servers` of the servers the balancer orders, and of the backups, which
+    /// are tried only after all of those (nginx's `backup`), in a rotation of their own.
+    primary: Vec<usize>,
+    backup: Vec<usize>,
     balancer: Balancer,
+    backup_rotation: SmoothWeightedRoundRobin,
 }
 
 impl Pool {
@@ -170,27 +176,39 @@ impl Pool {
             .iter()
             .map(|s| existing(s).unwrap_or_else(|| Arc::new(Server::new(s.clone()))))
             .collect();
+        let (backup, primary): (Vec<usize>, Vec<usize>) =
+            (0..servers.len()).partition(|&i| config.servers[i].backup);
+        let weights = |indices: &[usize]| -> Vec<u32> {
+            indices.iter().map(|&i| config.servers[i].weight).collect()
+        };
         let balancer = match config.balance {
-            Balance::RoundRobin => Balancer::RoundRobin(SmoothWeightedRoundRobin::new(
-                config.servers.iter().map(|s| s.weight),
-            )),
+            Balance::RoundRobin => {
+                Balancer::RoundRobin(SmoothWeightedRoundRobin::new(weights(&primary)))
+            }
             Balance::ConsistentHash => Balancer::ConsistentHash(KetamaRing::new(
-                config.servers.iter().map(|s| (s.addr.as_str(), s.weight)),
+                primary
+                    .iter()
+                    .map(|&i| (config.servers[i].addr.as_str(), config.servers[i].weight)),
             )),
             Balance::LeastConn => Balancer::LeastConn(AtomicUsize::new(0)),
         };
+        let backup_rotation = SmoothWeightedRoundRobin::new(weights(&backup));
         Pool {
             config,
             servers,
             tls,
+            primary,
+            backup,
             balancer,
+            backup_rotation,
         }
     }
 
     /// The servers to try for a new connection from `client`, best first, each once;
     /// servers out of rotation (passive health) are left out.
     pub fn candidates(&self, client: IpAddr) -> Vec<Arc<Server>> {
-        let n = self.servers.len();
+        let n = self.primary.len();
+        // Positions in `primary`.
         let order: Vec<usize> = match &self.balancer {
             Balancer::RoundRobin(rr) => rr.order(),
             Balancer::ConsistentHash(ring) => {
@@ -206,17 +224,24 @@ impl Pool {
                 // Load relative to weight (live_a / w_a < live_b / w_b, cross-multiplied);
                 // the sort is stable, so ties keep the rotated order.
                 let live: Vec<u64> = self
-                    .servers
+                    .primary
                     .iter()
-                    .map(|s| s.live_tunnels() as u64)
+                    .map(|&i| self.servers[i].live_tunnels() as u64)
                     .collect();
-                let weight = |i: usize| u64::from(self.config.servers[i].weight);
+                let weight = |k: usize| u64::from(self.config.servers[self.primary[k]].weight);
                 order.sort_by(|&a, &b| (live[a] * weight(b)).cmp(&(live[b] * weight(a))));
                 order
             }
         };
+        let backups = if self.backup.is_empty() {
+            Vec::new()
+        } else {
+            self.backup_rotation.order()
+        };
         order
             .into_iter()
+            .map(|k| self.primary[k])
+            .chain(backups.into_iter().map(|k| self.backup[k]))
             .filter(|&i| self.servers[i].available())
             .map(|i| Arc::clone(&self.servers[i]))
             .collect()
@@ -227,13 +252,13 @@ impl Pool {
     /// (counting the new tunnel) go to the back of the ring order, so keys stay sticky
     /// while their server is under the bound and move to the next ring server when not.
     fn bounded(&self, order: Vec<usize>, percent: u32) -> Vec<usize> {
-        let total: usize = self.servers.iter().map(|s| s.live_tunnels()).sum();
-        let n = self.servers.len().max(1);
+        let live = |k: usize| self.servers[self.primary[k]].live_tunnels();
+        let total: usize = (0..self.primary.len()).map(live).sum();
+        let n = self.primary.len().max(1);
         // ceil(factor × (total + 1) / n)
         let bound = ((total + 1) * percent as usize).div_ceil(n * 100);
-        let (under, over): (Vec<usize>, Vec<usize>) = order
-            .into_iter()
-            .partition(|&i| self.servers[i].live_tunnels() < bound);
+        let (under, over): (Vec<usize>, Vec<usize>) =
+            order.into_iter().partition(|&k| live(k) < bound);
         under.into_iter().chain(over).collect()
     }
 }
@@ -256,12 +281,18 @@ mod tests {
             servers: servers
                 .iter()
                 .map(|(addr, weight)| {
+                    // "~" in front of an address makes it a backup.
+                    let (addr, backup) = match addr.strip_prefix('~') {
+                        Some(addr) => (addr, true),
+                        None => (*addr, false),
+                    };
                     let (host, port) = addr.rsplit_once(':').unwrap();
                     ServerConfig {
                         addr: addr.to_string(),
                         host: host.into(),
                         port: port.parse().unwrap(),
                         weight: *weight,
+                        backup,
                         tls: false,
                     }
                 })
@@ -297,6 +328,45 @@ mod tests {
                     "{balance:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn backups_come_after_every_other_server_and_first_once_those_are_out() {
+        for balance in [
+            Balance::RoundRobin,
+            Balance::ConsistentHash,
+            Balance::LeastConn,
+        ] {
+            let pool = Pool::build(
+                upstream(
+                    balance,
+                    &[
+                        ("~10.0.0.9:1", 1),
+                        ("10.0.0.1:1", 1),
+                        ("~10.0.0.8:1", 1),
+                        ("10.0.0.2:1", 2),
+                    ],
+                ),
+                None,
+                |_| None,
+            );
+            let backups = |order: &[Arc<Server>]| -> Vec<bool> {
+                order.iter().map(|s| s.config.backup).collect()
+            };
+            let mut first_backup = std::collections::HashSet::new();
+            for i in 0..40u8 {
+                let order = pool.candidates(IpAddr::from([10, 1, 0, i]));
+                assert_eq!(backups(&order), [false, false, true, true], "{balance:?}");
+                first_backup.insert(order[2].config.addr.clone());
+            }
+            assert_eq!(first_backup.len(), 2, "the backups take turns: {balance:?}");
+            // Both others out of rotation: the backups are the candidates.
+            for i in [1, 3] {
+                pool.servers[i].record_failure(1, Duration::from_secs(10));
+            }
+            let order = pool.candidates(IpAddr::from([10, 1, 0, 1]));
+            assert_eq!(backups(&order), [true, true], "{balance:?}");
         }
     }
 
