@@ -121,3 +121,66 @@ async fn consistent_hash_keeps_each_client_address_on_its_ring_server() {
         "60 clients should reach all 3 servers: {per_backend:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_on_a_query_parameter_or_a_cookie_follows_the_value_not_the_address() {
+    let backends = [
+        WsBackend::start("b1", Behavior::Echo).await,
+        WsBackend::start("b2", Behavior::Echo).await,
+        WsBackend::start("b3", Behavior::Echo).await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let config = |key: &str| {
+        format!(
+            "[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\nupstream = \"u\"\n[upstream.u]\n\
+             balance = \"consistent_hash\"\nhash_key = \"{key}\"\n\
+             servers = [\"{{BACKEND_1}}\", \"{{BACKEND_2}}\", \"{{BACKEND_3}}\"]\n"
+        )
+    };
+    let texts: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let ring = wsgate::pool::KetamaRing::new(texts.iter().map(|t| (t.as_str(), 1)));
+    let expected = |key: &str| backends[ring.order(key.as_bytes())[0]].name.clone();
+
+    // query:room: every client address in a room reaches the room's server.
+    let gw = gateway(&config("query:room"), &addrs);
+    let mut reached = std::collections::HashSet::new();
+    for room in 0..20 {
+        let room = format!("room-{room}");
+        for host in [1, 2, 3] {
+            let client = IpAddr::V4(Ipv4Addr::new(127, 0, 20, host));
+            let mut ws = connect_from(client, addr(&gw), &format!("/chat?x=1&room={room}")).await;
+            assert_eq!(
+                whoami(&mut ws).await,
+                expected(&room),
+                "{room} from {client}"
+            );
+        }
+        reached.insert(expected(&room));
+    }
+    assert_eq!(reached.len(), 3, "20 rooms should reach all 3 servers");
+    // Without the parameter: the client's address, as with hash_key = "remote_addr".
+    let client = IpAddr::V4(Ipv4Addr::new(127, 0, 20, 9));
+    let mut ws = connect_from(client, addr(&gw), "/chat").await;
+    assert_eq!(whoami(&mut ws).await, expected(&client.to_string()));
+
+    // cookie:session, all from one address.
+    let gw = gateway(&config("cookie:session"), &addrs);
+    for user in 0..12 {
+        let session = format!("s{user}");
+        let mut request = format!("ws://{}/", addr(&gw))
+            .into_client_request()
+            .unwrap();
+        request.headers_mut().insert(
+            "cookie",
+            format!("theme=dark; session={session}; lang=en")
+                .parse()
+                .unwrap(),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        assert_eq!(
+            whoami(&mut ws).await,
+            expected(&session),
+            "session {session}"
+        );
+    }
+}

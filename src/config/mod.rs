@@ -217,10 +217,25 @@ pub enum Balance {
     LeastConn,
 }
 
+/// What `consistent_hash` hashes: nginx's `hash $remote_addr consistent`, or with
+/// `$http_NAME`, `$cookie_NAME` or `$arg_NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    RemoteAddr,
+    /// A request header (its first value), by lower-case name.
+    Header(String),
+    Cookie(String),
+    /// A query-string parameter.
+    Query(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     pub name: String,
     pub balance: Balance,
+    /// What `consistent_hash` hashes; a request without that value hashes on the client's
+    /// address.
+    pub hash_key: HashKey,
     pub servers: Vec<ServerConfig>,
     /// When a reload removes a server, its tunnels are closed (1012) this long after the
     /// reload; zero keeps them until they close by themselves.
@@ -791,20 +806,37 @@ impl Validator<'_> {
                 }
             },
         };
-        if let Some(key) = &raw.hash_key {
-            if key.get_ref() != "remote_addr" {
-                return self.err(
-                    key.span(),
-                    format!(
-                        "unknown hash_key {:?}: expected \"remote_addr\"",
-                        key.get_ref()
-                    ),
-                );
+        let hash_key = match &raw.hash_key {
+            None => HashKey::RemoteAddr,
+            Some(key) => {
+                if balance != Balance::ConsistentHash {
+                    return self.err(key.span(), "hash_key needs balance = \"consistent_hash\"");
+                }
+                let text = key.get_ref().as_str();
+                let named = |name: &str| {
+                    (!name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b'='))
+                        .then(|| name.to_string())
+                };
+                match text.split_once(':') {
+                    None if text == "remote_addr" => HashKey::RemoteAddr,
+                    Some(("header", name)) if named(name).is_some() => {
+                        HashKey::Header(name.to_ascii_lowercase())
+                    }
+                    Some(("cookie", name)) if named(name).is_some() => {
+                        HashKey::Cookie(name.to_string())
+                    }
+                    Some(("query", name)) if named(name).is_some() => {
+                        HashKey::Query(name.to_string())
+                    }
+                    _ => {
+                        return self.err(
+                            key.span(),
+                            format!("unknown hash_key {text:?}: expected \"remote_addr\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\""),
+                        );
+                    }
+                }
             }
-            if balance != Balance::ConsistentHash {
-                return self.err(key.span(), "hash_key needs balance = \"consistent_hash\"");
-            }
-        }
+        };
         let hash_balance_percent = match &raw.hash_balance_factor {
             None => 0,
             Some(f) if balance != Balance::ConsistentHash => {
@@ -881,6 +913,7 @@ impl Validator<'_> {
         Ok(UpstreamConfig {
             name: name.to_string(),
             balance,
+            hash_key,
             servers,
             drain_timeout: raw.drain_timeout.map_or(defaults::DRAIN_TIMEOUT, |d| d.0),
             drain_spread: raw.drain_spread.map_or(defaults::DRAIN_SPREAD, |d| d.0),

@@ -65,6 +65,19 @@ fn routes_inherit_defaults_and_override_them() {
     assert!(TunnelSettings::default().permessage_deflate);
     assert!(!a.permessage_deflate);
     assert!(b.permessage_deflate);
+    assert_eq!(config.upstreams["u"].hash_key, HashKey::RemoteAddr);
+    for (text, key) in [
+        ("header:X-User-Id", HashKey::Header("x-user-id".into())),
+        ("cookie:session", HashKey::Cookie("session".into())),
+        ("query:room", HashKey::Query("room".into())),
+    ] {
+        let config = parse(
+            &format!("[upstream.u]\nbalance = \"consistent_hash\"\nhash_key = \"{text}\"\nservers = [\"a:1\"]\n"),
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(config.upstreams["u"].hash_key, key);
+    }
     let servers = &config.upstreams["u"].servers;
     assert_eq!(
         (servers[1].host.as_str(), servers[1].port, servers[1].weight),
@@ -125,6 +138,14 @@ fn errors_name_file_line_column_and_problem() {
         (
             "[upstream.u]\nservers = [\"a:1\", \"a:1\"]\n",
             "config.toml:2:19: server \"a:1\" is listed twice",
+        ),
+        (
+            "[upstream.u]\nbalance = \"consistent_hash\"\nhash_key = \"cookie:\"\nservers = [\"a:1\"]\n",
+            "config.toml:3:12: unknown hash_key \"cookie:\": expected \"remote_addr\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\"",
+        ),
+        (
+            "[upstream.u]\nhash_key = \"header:x-user\"\nservers = [\"a:1\"]\n",
+            "config.toml:2:12: hash_key needs balance = \"consistent_hash\"",
         ),
         (
             "[upstream.u]\nservers = [{ addr = \"a:1\", backup = true }]\n",

@@ -205,14 +205,18 @@ impl Pool {
     }
 
     /// The servers to try for a new connection from `client`, best first, each once;
-    /// servers out of rotation (passive health) are left out.
-    pub fn candidates(&self, client: IpAddr) -> Vec<Arc<Server>> {
+    /// servers out of rotation (passive health) are left out. A consistent-hash pool
+    /// hashes `key` (the request's value of its `hash_key`) or, without one, the client.
+    pub fn candidates(&self, client: IpAddr, key: Option<&[u8]>) -> Vec<Arc<Server>> {
         let n = self.primary.len();
         // Positions in `primary`.
         let order: Vec<usize> = match &self.balancer {
             Balancer::RoundRobin(rr) => rr.order(),
             Balancer::ConsistentHash(ring) => {
-                let order = ring.order(hash_key(client).as_bytes());
+                let order = match key {
+                    Some(key) => ring.order(key),
+                    None => ring.order(hash_key(client).as_bytes()),
+                };
                 match self.config.hash_balance_percent {
                     0 => order,
                     percent => self.bounded(order, percent),
@@ -278,6 +282,7 @@ mod tests {
         Arc::new(UpstreamConfig {
             name: "u".into(),
             balance,
+            hash_key: crate::config::HashKey::RemoteAddr,
             servers: servers
                 .iter()
                 .map(|(addr, weight)| {
@@ -319,7 +324,7 @@ mod tests {
                 |_| None,
             );
             for i in 0..50u8 {
-                let order = pool.candidates(IpAddr::from([10, 1, 0, i]));
+                let order = pool.candidates(IpAddr::from([10, 1, 0, i]), None);
                 let mut addrs: Vec<&str> = order.iter().map(|s| s.config.addr.as_str()).collect();
                 addrs.sort();
                 assert_eq!(
@@ -356,7 +361,7 @@ mod tests {
             };
             let mut first_backup = std::collections::HashSet::new();
             for i in 0..40u8 {
-                let order = pool.candidates(IpAddr::from([10, 1, 0, i]));
+                let order = pool.candidates(IpAddr::from([10, 1, 0, i]), None);
                 assert_eq!(backups(&order), [false, false, true, true], "{balance:?}");
                 first_backup.insert(order[2].config.addr.clone());
             }
@@ -365,7 +370,7 @@ mod tests {
             for i in [1, 3] {
                 pool.servers[i].record_failure(1, Duration::from_secs(10));
             }
-            let order = pool.candidates(IpAddr::from([10, 1, 0, 1]));
+            let order = pool.candidates(IpAddr::from([10, 1, 0, 1]), None);
             assert_eq!(backups(&order), [true, true], "{balance:?}");
         }
     }

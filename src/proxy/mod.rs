@@ -22,6 +22,7 @@ use arc_swap::ArcSwap;
 pub use error::ProxyError;
 pub use upstream_client::UpstreamClients;
 
+use crate::config::HashKey;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::snapshot::{Route, Snapshot};
@@ -116,6 +117,42 @@ pub struct Matched {
     pub peer_ip: IpAddr,
     /// Path and query as the backend should see them (after `rewrite`).
     pub backend_path: String,
+}
+
+impl Matched {
+    /// The servers to try for this request, best first: a consistent-hash upstream hashes
+    /// the request's value of its `hash_key` (the client's address without one).
+    pub fn candidates(&self, head: &RequestHead) -> Vec<Arc<crate::pool::Server>> {
+        let pool = &self.route.pool;
+        pool.candidates(self.client_ip, hash_value(&pool.config.hash_key, head))
+    }
+}
+
+/// The request's value of a hash key, as sent (nginx's `$http_NAME`, `$cookie_NAME`,
+/// `$arg_NAME`: not decoded); `None` for the client address or a value the request lacks.
+fn hash_value<'a>(key: &HashKey, head: &'a RequestHead) -> Option<&'a [u8]> {
+    let pairs = |text: &'a [u8], separator: u8| {
+        text.split(move |&b| b == separator).map(|pair| {
+            let pair = pair.trim_ascii();
+            match pair.iter().position(|&b| b == b'=') {
+                Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+                None => (pair, &pair[pair.len()..]),
+            }
+        })
+    };
+    match key {
+        HashKey::RemoteAddr => None,
+        HashKey::Header(name) => head.headers().get(name.as_str()).map(|v| v.as_bytes()),
+        HashKey::Cookie(name) => head
+            .headers()
+            .get_all(header::COOKIE)
+            .flat_map(|v| pairs(v.as_bytes(), b';'))
+            .find(|(n, _)| *n == name.as_bytes())
+            .map(|(_, value)| value),
+        HashKey::Query(name) => pairs(head.uri.query()?.as_bytes(), b'&')
+            .find(|(n, _)| *n == name.as_bytes())
+            .map(|(_, value)| value),
+    }
 }
 
 /// The Host the client asked for, without port, from the Host header or the
@@ -243,5 +280,50 @@ fn authority(host: &str, port: u16) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_values_are_read_as_sent_and_missing_ones_are_none() {
+        let mut head = RequestHead::default();
+        head.uri = "/chat?flag&room=a%20b&sid=".parse().unwrap();
+        head.headers.append(
+            header::COOKIE,
+            header::HeaderValue::from_static("theme=dark; session=s-1"),
+        );
+        head.headers
+            .append(header::COOKIE, header::HeaderValue::from_static("other=2"));
+        head.headers.append(
+            header::HeaderName::from_static("x-user-id"),
+            header::HeaderValue::from_static("u42"),
+        );
+        let value =
+            |key: HashKey| hash_value(&key, &head).map(|v| String::from_utf8(v.to_vec()).unwrap());
+        assert_eq!(value(HashKey::RemoteAddr), None);
+        assert_eq!(
+            value(HashKey::Header("x-user-id".into())).as_deref(),
+            Some("u42")
+        );
+        assert_eq!(value(HashKey::Header("x-other".into())), None);
+        assert_eq!(
+            value(HashKey::Cookie("session".into())).as_deref(),
+            Some("s-1")
+        );
+        assert_eq!(value(HashKey::Cookie("other".into())).as_deref(), Some("2"));
+        assert_eq!(value(HashKey::Cookie("sess".into())), None);
+        assert_eq!(
+            value(HashKey::Query("room".into())).as_deref(),
+            Some("a%20b")
+        );
+        assert_eq!(value(HashKey::Query("flag".into())).as_deref(), Some(""));
+        assert_eq!(value(HashKey::Query("sid".into())).as_deref(), Some(""));
+        assert_eq!(value(HashKey::Query("ro".into())), None);
+        let mut bare = RequestHead::default();
+        bare.uri = "/chat".parse().unwrap();
+        assert_eq!(hash_value(&HashKey::Query("room".into()), &bare), None);
     }
 }
