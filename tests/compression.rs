@@ -61,6 +61,26 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Answers the upgrade in `head` with a 101, agreeing to `agreement` if permessage-deflate
+/// was offered; returns whether it was.
+async fn accept_upgrade(stream: &mut TcpStream, head: &str, agreement: &str) -> bool {
+    let key = header(head, "sec-websocket-key").unwrap();
+    let offered = header(head, "sec-websocket-extensions")
+        .is_some_and(|offers| offers.contains("permessage-deflate"));
+    let agreed = if offered {
+        format!("Sec-WebSocket-Extensions: {agreement}\r\n")
+    } else {
+        String::new()
+    };
+    let answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n{agreed}\r\n",
+        derive_accept_key(key.as_bytes())
+    );
+    stream.write_all(answer.as_bytes()).await.unwrap();
+    offered
+}
+
 /// A backend for one connection that agrees to permessage-deflate when offered it (with
 /// `server_no_context_takeover`, as a server may), sends the compressed "Hello", and
 /// returns the upgrade head it got with the first `expect` bytes that came after it.
@@ -72,20 +92,12 @@ async fn deflate_backend(
     let task = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
         let head = read_head(&mut stream).await;
-        let key = header(&head, "sec-websocket-key").unwrap();
-        let offered = header(&head, "sec-websocket-extensions")
-            .is_some_and(|offers| offers.contains("permessage-deflate"));
-        let agreed = if offered {
-            "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n"
-        } else {
-            ""
-        };
-        let answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {}\r\n{agreed}\r\n",
-            derive_accept_key(key.as_bytes())
-        );
-        stream.write_all(answer.as_bytes()).await.unwrap();
+        let offered = accept_upgrade(
+            &mut stream,
+            &head,
+            "permessage-deflate; server_no_context_takeover",
+        )
+        .await;
         if offered {
             stream.write_all(&HELLO).await.unwrap();
         }
@@ -190,7 +202,7 @@ async fn browser_backend(to_test: tokio::sync::mpsc::Sender<FromBrowser>) -> Soc
             tokio::spawn(async move {
                 let head = read_head(&mut stream).await;
                 let path = head.split(' ').nth(1).unwrap_or_default().to_string();
-                let Some(key) = header(&head, "sec-websocket-key") else {
+                if header(&head, "sec-websocket-key").is_none() {
                     let body = if path.starts_with("/report/") {
                         let _ = to_test.send(FromBrowser::Report(path)).await;
                         ""
@@ -204,26 +216,10 @@ async fn browser_backend(to_test: tokio::sync::mpsc::Sender<FromBrowser>) -> Soc
                     );
                     let _ = stream.write_all(answer.as_bytes()).await;
                     return;
-                };
-                let agreed = if header(&head, "sec-websocket-extensions")
-                    .is_some_and(|offers| offers.contains("permessage-deflate"))
-                {
-                    "Sec-WebSocket-Extensions: permessage-deflate\r\n"
-                } else {
-                    ""
-                };
-                let answer = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                     Sec-WebSocket-Accept: {}\r\n{agreed}\r\n",
-                    derive_accept_key(key.as_bytes())
-                );
-                stream.write_all(answer.as_bytes()).await.unwrap();
+                }
+                let agreed = accept_upgrade(&mut stream, &head, "permessage-deflate").await;
                 // Without the extension the page still gets "Hello", uncompressed.
-                let hello: &[u8] = if agreed.is_empty() {
-                    b"\x81\x05Hello"
-                } else {
-                    &HELLO
-                };
+                let hello: &[u8] = if !agreed { b"\x81\x05Hello" } else { &HELLO };
                 stream.write_all(hello).await.unwrap();
                 let byte = read_exactly(&mut stream, 1).await;
                 let _ = to_test.send(FromBrowser::FirstByte(byte[0])).await;
@@ -253,14 +249,7 @@ async fn a_browser_gets_compression_through_the_gateway() {
     let gw = gateway(&simple_config(1, ""), &[backend]);
     let profile = tempfile::tempdir().unwrap();
     let _browser = Browser(
-        std::process::Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
+        headless_chromium(profile.path())
             .arg(format!("http://{}/page", addr(&gw)))
             .process_group(0)
             .stdout(std::process::Stdio::null())

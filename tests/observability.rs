@@ -142,14 +142,7 @@ async fn status_page_renders_live_tunnels_in_headless_chromium() {
     }
     let profile = tempfile::tempdir().unwrap();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
+        headless_chromium(profile.path())
             .args(["--virtual-time-budget=5000", "--dump-dom"])
             .arg(format!("http://127.0.0.1:{admin_port}/"))
             .stderr(Stdio::null())

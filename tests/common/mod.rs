@@ -519,6 +519,20 @@ pub async fn whoami_at(url: &str) -> String {
     name
 }
 
+/// Debian's Chromium, headless, with its profile in `profile` (`.ci/run` installs it).
+pub fn headless_chromium(profile: &std::path::Path) -> std::process::Command {
+    let mut chromium = std::process::Command::new("chromium");
+    chromium
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()));
+    chromium
+}
+
 /// A loopback port that is free now (bound, then released) for a listener to take.
 pub fn free_port() -> u16 {
     // Below the ephemeral range (32768 and up here): an outgoing connection of a test running
