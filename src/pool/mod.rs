@@ -24,6 +24,8 @@ pub use round_robin::SmoothWeightedRoundRobin;
 /// lists the same address, so its counters survive reloads.
 #[derive(Debug)]
 pub struct Server {
+    /// The endpoint (address, host, port, TLS) as first configured. A reload that keeps the
+    /// server keeps this too: its weight and role now are in the pool's `config.servers`.
     pub config: ServerConfig,
     /// Tunnels currently open to this server, across all workers.
     live_tunnels: AtomicUsize,
