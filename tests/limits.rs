@@ -199,3 +199,58 @@ async fn gateway_cap_counts_tunnels_of_every_route() {
     assert!(body.contains("gateway max_connections"), "{body}");
     assert_eq!(backend.handshakes(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_at_its_max_connections_takes_no_more_tunnels() {
+    let full = WsBackend::start("full", Behavior::Echo).await;
+    let other = WsBackend::start("other", Behavior::Echo).await;
+    let config = simple_config(2, "").replace(
+        "\"{BACKEND_1}\"",
+        "{ addr = \"{BACKEND_1}\", max_connections = 2 }",
+    );
+    let gw = gateway(&config, &[full.addr, other.addr]);
+    let url = format!("ws://{}/", addr(&gw));
+    // Round-robin alternates until "full" holds two tunnels; then "other" takes them all.
+    let mut held = Vec::new();
+    let mut names = Vec::new();
+    for _ in 0..6 {
+        let mut ws = connect(&url).await;
+        names.push(whoami(&mut ws).await);
+        held.push(ws);
+    }
+    assert_eq!(
+        names.iter().filter(|n| *n == "full").count(),
+        2,
+        "{names:?}"
+    );
+    // Alone in its upstream and full: 503 with Retry-After, until a tunnel ends.
+    let alone = simple_config(1, "").replace(
+        "\"{BACKEND_1}\"",
+        "{ addr = \"{BACKEND_1}\", max_connections = 1 }",
+    );
+    let gw = gateway(&alone, &[full.addr]);
+    let url = format!("ws://{}/", addr(&gw));
+    let mut first = connect(&url).await;
+    assert_eq!(whoami(&mut first).await, "full");
+    let (status, head, body) = http(
+        addr(&gw),
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 503, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    assert!(
+        String::from_utf8_lossy(&body).contains("server max_connections"),
+        "{body:?}"
+    );
+    first.close(None).await.unwrap();
+    let mut next = eventually("a tunnel once the first ended", STEP, || async {
+        Some(tokio_tungstenite::connect_async(&url).await.ok()?.0)
+    })
+    .await;
+    assert_eq!(whoami(&mut next).await, "full");
+}

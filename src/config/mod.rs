@@ -298,6 +298,8 @@ pub struct ServerConfig {
     pub weight: u32,
     /// Tried only after every other server of the upstream (nginx's `backup`).
     pub backup: bool,
+    /// Tunnels this server takes at most (nginx's `max_conns`); 0 = no limit.
+    pub max_connections: u32,
     /// Reached over TLS (`wss://`, `https://`, or `tls = true` on the upstream).
     pub tls: bool,
 }
@@ -861,12 +863,13 @@ impl Validator<'_> {
         }
         let mut servers: Vec<ServerConfig> = Vec::new();
         for server in raw.servers.get_ref() {
-            let (addr, weight, backup) = match server.get_ref() {
-                RawServer::Addr(addr) => (addr.clone(), defaults::SERVER_WEIGHT, false),
+            let (addr, weight, backup, max_connections) = match server.get_ref() {
+                RawServer::Addr(addr) => (addr.clone(), defaults::SERVER_WEIGHT, false, 0),
                 RawServer::Table(t) => (
                     t.addr.clone(),
                     t.weight.unwrap_or(defaults::SERVER_WEIGHT),
                     t.backup == Some(true),
+                    t.max_connections.unwrap_or(0),
                 ),
             };
             if weight == 0 {
@@ -902,6 +905,7 @@ impl Validator<'_> {
                 port,
                 weight,
                 backup,
+                max_connections,
             });
         }
         if servers.iter().all(|s| s.backup) {

@@ -237,7 +237,8 @@ pub struct RawHealthCheck {
     pub path: Option<String>,
 }
 
-/// A server: `"host:port"` or `{ addr = "host:port", weight = 2, backup = true }`.
+/// A server: `"host:port"` or `{ addr = "host:port", weight = 2, backup = true,
+/// max_connections = 5000 }`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum RawServer {
@@ -251,4 +252,5 @@ pub struct RawServerTable {
     pub addr: String,
     pub weight: Option<u32>,
     pub backup: Option<bool>,
+    pub max_connections: Option<u32>,
 }

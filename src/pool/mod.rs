@@ -207,7 +207,7 @@ impl Pool {
     }
 
     /// The servers to try for a new connection from `client`, best first, each once;
-    /// servers out of rotation (passive health) are left out. A consistent-hash pool
+    /// servers out of rotation (health checks) or at their `max_connections` are left out. A consistent-hash pool
     /// hashes `key` (the request's value of its `hash_key`) or, without one, the client.
     pub fn candidates(&self, client: IpAddr, key: Option<&[u8]>) -> Vec<Arc<Server>> {
         let n = self.primary.len();
@@ -248,9 +248,18 @@ impl Pool {
             .into_iter()
             .map(|k| self.primary[k])
             .chain(backups.into_iter().map(|k| self.backup[k]))
-            .filter(|&i| self.servers[i].available())
+            .filter(|&i| self.servers[i].available() && self.has_room(i))
             .map(|i| Arc::clone(&self.servers[i]))
             .collect()
+    }
+
+    /// Server `i` is under its `max_connections` (a limit a burst of handshakes on several
+    /// workers may overshoot by a few: the count is read, not reserved).
+    fn has_room(&self, i: usize) -> bool {
+        match self.config.servers[i].max_connections {
+            0 => true,
+            max => self.servers[i].live_tunnels() < max as usize,
+        }
     }
 
     /// Consistent hashing with bounded loads (Mirrokni et al.; HAProxy's and Envoy's
@@ -300,6 +309,7 @@ mod tests {
                         port: port.parse().unwrap(),
                         weight: *weight,
                         backup,
+                        max_connections: 0,
                         tls: false,
                     }
                 })
@@ -375,6 +385,26 @@ mod tests {
             let order = pool.candidates(IpAddr::from([10, 1, 0, 1]), None);
             assert_eq!(backups(&order), [true, true], "{balance:?}");
         }
+    }
+
+    #[test]
+    fn a_server_at_its_max_connections_is_left_out_until_a_tunnel_ends() {
+        let mut config =
+            (*upstream(Balance::RoundRobin, &[("10.0.0.1:1", 1), ("10.0.0.2:1", 1)])).clone();
+        config.servers[0].max_connections = 1;
+        let pool = Pool::build(Arc::new(config), None, |_| None);
+        let client = IpAddr::from([10, 1, 0, 1]);
+        let lease = pool.servers[0].lease();
+        for _ in 0..4 {
+            let order = pool.candidates(client, None);
+            assert_eq!(order.len(), 1);
+            assert_eq!(order[0].config.addr, "10.0.0.2:1");
+        }
+        drop(lease);
+        let seen: std::collections::HashSet<String> = (0..4)
+            .map(|_| pool.candidates(client, None)[0].config.addr.clone())
+            .collect();
+        assert_eq!(seen.len(), 2, "back in rotation: {seen:?}");
     }
 
     #[test]

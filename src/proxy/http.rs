@@ -56,7 +56,7 @@ pub(super) async fn proxy(
     let mut payload = Some(payload);
     let mut last_error = String::from("no servers");
     let mut timed_out = false;
-    for server in matched.candidates(req.head()) {
+    for server in matched.candidates(req.head())? {
         let url = format!(
             "{}://{}{}",
             if server.config.tls { "https" } else { "http" },

@@ -120,11 +120,24 @@ pub struct Matched {
 }
 
 impl Matched {
-    /// The servers to try for this request, best first: a consistent-hash upstream hashes
-    /// the request's value of its `hash_key` (the client's address without one).
-    pub fn candidates(&self, head: &RequestHead) -> Vec<Arc<crate::pool::Server>> {
+    /// The servers to try for this request, best first (a consistent-hash upstream hashes
+    /// the request's value of its `hash_key`, the client's address without one), or why
+    /// there is none: every server out of rotation, or every one in it full.
+    pub fn candidates(
+        &self,
+        head: &RequestHead,
+    ) -> Result<Vec<Arc<crate::pool::Server>>, ProxyError> {
         let pool = &self.route.pool;
-        pool.candidates(self.client_ip, hash_value(&pool.config.hash_key, head))
+        let servers = pool.candidates(self.client_ip, hash_value(&pool.config.hash_key, head));
+        if !servers.is_empty() {
+            Ok(servers)
+        } else if pool.servers.iter().any(|s| s.available()) {
+            Err(ProxyError::Busy("server max_connections"))
+        } else {
+            Err(ProxyError::NoHealthyServer(
+                self.route.config.upstream.clone(),
+            ))
+        }
     }
 }
 

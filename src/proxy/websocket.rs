@@ -185,10 +185,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
     };
     let tls = route.pool.tls.as_ref().unwrap_or(&ctx.upstream_tls);
     let mut last_error = None;
-    let candidates = matched.candidates(req.head());
-    if candidates.is_empty() {
-        return Err(ProxyError::NoHealthyServer(route.config.upstream.clone()));
-    }
+    let candidates = matched.candidates(req.head())?;
     let upstream_config = &route.pool.config;
     for server in candidates {
         let host = (!host_put).then(|| authority(&server.config.host, server.config.port));
