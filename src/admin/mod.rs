@@ -76,6 +76,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
                         "addr": s.config.addr,
                         "weight": configured.weight,
                         "backup": configured.backup,
+                        "max_connections": configured.max_connections,
                         "healthy": s.healthy(),
                         "in_rotation": s.available(),
                         "live_tunnels": s.live_tunnels(),
