@@ -815,21 +815,16 @@ impl Validator<'_> {
                     return self.err(key.span(), "hash_key needs balance = \"consistent_hash\"");
                 }
                 let text = key.get_ref().as_str();
-                let named = |name: &str| {
-                    (!name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b'='))
-                        .then(|| name.to_string())
+                let is_name = |name: &str| {
+                    !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b'=')
                 };
                 match text.split_once(':') {
                     None if text == "remote_addr" => HashKey::RemoteAddr,
-                    Some(("header", name)) if named(name).is_some() => {
+                    Some(("header", name)) if is_name(name) => {
                         HashKey::Header(name.to_ascii_lowercase())
                     }
-                    Some(("cookie", name)) if named(name).is_some() => {
-                        HashKey::Cookie(name.to_string())
-                    }
-                    Some(("query", name)) if named(name).is_some() => {
-                        HashKey::Query(name.to_string())
-                    }
+                    Some(("cookie", name)) if is_name(name) => HashKey::Cookie(name.to_string()),
+                    Some(("query", name)) if is_name(name) => HashKey::Query(name.to_string()),
                     _ => {
                         return self.err(
                             key.span(),

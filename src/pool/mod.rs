@@ -207,8 +207,9 @@ impl Pool {
     }
 
     /// The servers to try for a new connection from `client`, best first, each once;
-    /// servers out of rotation (health checks) or at their `max_connections` are left out. A consistent-hash pool
-    /// hashes `key` (the request's value of its `hash_key`) or, without one, the client.
+    /// servers out of rotation (health checks) or at their `max_connections` are left out.
+    /// A consistent-hash pool hashes `key` (the request's value of its `hash_key`) or,
+    /// without one, the client.
     pub fn candidates(&self, client: IpAddr, key: Option<&[u8]>) -> Vec<Arc<Server>> {
         let n = self.primary.len();
         // Positions in `primary`.

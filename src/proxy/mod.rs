@@ -276,7 +276,6 @@ pub async fn handle(
     result
 }
 
-/// `host:port` for a URL, with brackets around an IPv6 literal.
 /// Errors of connecting to a backend that say the gateway ran out of something (file
 /// descriptors, memory, local ports), not that the server is unreachable: the client is
 /// told to retry and the server is not blamed (nginx, likewise, does not hold a failed
@@ -288,6 +287,7 @@ fn is_local_exhaustion(err: &std::io::Error) -> bool {
     )
 }
 
+/// `host:port` for a URL, with brackets around an IPv6 literal.
 fn authority(host: &str, port: u16) -> String {
     if host.contains(':') {
         format!("[{host}]:{port}")
