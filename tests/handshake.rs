@@ -311,6 +311,14 @@ async fn broken_upgrade_answers_are_502_with_the_reason() {
             .to_vec(),
     )
     .await;
+    // The client offered no extension, so the backend may agree to none.
+    let stray_extension = raw_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+          Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
     let mut huge = b"HTTP/1.1 101 Switching Protocols\r\nX-Big: ".to_vec();
     huge.extend(std::iter::repeat_n(b'a', 40 * 1024));
     let huge = raw_backend(huge).await;
@@ -324,6 +332,18 @@ async fn broken_upgrade_answers_are_502_with_the_reason() {
         assert_eq!(status, 502, "{reason}: {body}");
         assert!(body.contains(reason), "{reason}: {body}");
     }
+    // The gateway passes the client's key on, so the backend's fixed answer matches the key
+    // of RFC 6455 §1.3 that this client sends (and no extension offer).
+    let gw = gateway(&simple_config(1, ""), &[stray_extension]);
+    let (status, _, body) = http(
+        addr(&gw),
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("an extension that was not offered"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

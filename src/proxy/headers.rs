@@ -119,13 +119,18 @@ pub fn agreed_deflate<'a>(
 ) -> Result<bool, String> {
     let mut agreed = false;
     for element in extension_elements(values) {
-        if !offered || !is_permessage_deflate(element) || agreed {
-            return Err(format!(
-                "the backend agreed to an extension that was not offered: {:?}",
-                String::from_utf8_lossy(element)
-            ));
-        }
-        agreed = true;
+        let problem = if !offered || !is_permessage_deflate(element) {
+            "an extension that was not offered"
+        } else if agreed {
+            "permessage-deflate twice"
+        } else {
+            agreed = true;
+            continue;
+        };
+        return Err(format!(
+            "the backend agreed to {problem}: {:?}",
+            String::from_utf8_lossy(element)
+        ));
     }
     Ok(agreed)
 }
@@ -308,7 +313,10 @@ mod tests {
         );
         assert!(agreed(&["permessage-deflate"], false).is_err());
         assert!(agreed(&["x-webkit-deflate-frame"], true).is_err());
-        assert!(agreed(&["permessage-deflate", "permessage-deflate"], true).is_err());
+        assert!(
+            agreed(&["permessage-deflate", "permessage-deflate"], true)
+                .is_err_and(|e| e.contains("twice"))
+        );
         assert!(agreed(&["permessage-deflate, foo"], true).is_err());
     }
 
