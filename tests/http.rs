@@ -266,6 +266,19 @@ async fn unreachable_http_backend_is_502_and_no_route_is_404() {
     .await;
     assert_eq!(status, 502);
     assert!(String::from_utf8_lossy(&body).contains("no server could be reached"));
+    // That failure took the only server out of rotation (max_fails = 1): the next request
+    // is told to come back, as an upgrade would be.
+    let (status, head, body) = http(
+        addr(&gw),
+        "GET /app/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 503, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    assert!(String::from_utf8_lossy(&body).contains("out of rotation"));
     let (status, _, _) = http(
         addr(&gw),
         "GET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",

@@ -81,7 +81,10 @@ pub(super) async fn proxy(
             },
         };
         match sent {
-            Ok(response) => return Ok(respond(response)),
+            Ok(response) => {
+                server.record_success();
+                return Ok(respond(response));
+            }
             Err(SendRequestError::Connect(ConnectError::Io(err)))
                 if super::is_local_exhaustion(&err) =>
             {
@@ -94,6 +97,13 @@ pub(super) async fn proxy(
                     err,
                     SendRequestError::Timeout | SendRequestError::Connect(ConnectError::Timeout)
                 );
+                // The passive health rule the WebSocket dial applies: no connection, no
+                // answer in time or a broken one counts against the server (an answer, even
+                // a 5xx, does not; nor does a client whose upload broke off).
+                if !matches!(err, SendRequestError::Body(_)) {
+                    let upstream = &route.pool.config;
+                    server.record_failure(upstream.max_fails, upstream.fail_timeout);
+                }
                 tracing::warn!(route = %route.label, server = %server.config, error = %err,
                     "backend request failed");
                 last_error = err.to_string();
