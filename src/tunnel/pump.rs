@@ -12,7 +12,9 @@ use std::ops::Range;
 
 use super::Leg;
 use super::ending::{Ending, HEARTBEAT_PAYLOAD};
-use super::wire::{self, Header, OP_CLOSE, OP_CONTINUATION, OP_PONG};
+use super::wire::{
+    self, FIN, Header, MASKED, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PONG, OP_TEXT, RSV1,
+};
 
 /// What the direction saw besides frames to forward.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +210,18 @@ impl Direction {
                 i += take;
                 continue;
             }
+            if !self.cut && self.fragment.is_none() {
+                let (end, count) = self.whole_messages(&data[i..], limits);
+                if count > 0 {
+                    seen.data = true;
+                    seen.frames += count;
+                    sink.pass(data, i..i + end);
+                    i += end;
+                    if i == data.len() {
+                        break;
+                    }
+                }
+            }
             let header = match wire::parse(&data[i..]) {
                 Ok(Some(header)) => header,
                 Ok(None) => break,
@@ -246,6 +260,43 @@ impl Direction {
             i += header.len;
         }
         Ok(i)
+    }
+
+    /// The common case in one step per frame: whole single-frame data messages (FIN, text
+    /// or binary, masked as this leg must, a 7- or 16-bit length within the limits, header
+    /// and payload all in `data`), which need no state and go on as they came. Returns
+    /// the bytes and frames of the run at the start of `data`; anything else (a control
+    /// frame, a fragment, a cut payload, a broken rule) ends it and gets the full walk,
+    /// which also finds the error if there is one.
+    #[inline]
+    fn whole_messages(&self, data: &[u8], limits: &Limits) -> (usize, u32) {
+        let rsv1_allowed = if self.compressed { RSV1 } else { 0 };
+        let (mask_bit, mask_len) = if self.from == Leg::Client {
+            (MASKED, 4)
+        } else {
+            (0, 0)
+        };
+        const TEXT: u8 = FIN | OP_TEXT;
+        const BINARY: u8 = FIN | OP_BINARY;
+        let max_payload = limits.max_frame_size.min(limits.max_message_size);
+        let (mut i, mut count) = (0, 0);
+        while let [b0, b1, rest @ ..] = &data[i..] {
+            if !matches!(b0 & !rsv1_allowed, TEXT | BINARY) || b1 & MASKED != mask_bit {
+                break;
+            }
+            let (payload, header) = match (b1 & 0x7f, rest) {
+                (len @ 0..=125, _) => (u64::from(len), 2),
+                (126, [hi, lo, ..]) => (u64::from(u16::from_be_bytes([*hi, *lo])), 4),
+                _ => break,
+            };
+            let whole = header + mask_len + payload as usize;
+            if payload > max_payload || data.len() - i < whole {
+                break;
+            }
+            i += whole;
+            count += 1;
+        }
+        (i, count)
     }
 
     fn data_header(&mut self, header: &Header, limits: &Limits) -> Result<(), Ending> {
@@ -287,7 +338,7 @@ impl Direction {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::wire::{OP_BINARY, OP_PING, OP_TEXT, control_frame, write_header};
+    use crate::tunnel::wire::{OP_PING, control_frame, write_header};
 
     const LIMITS: Limits = Limits {
         max_frame_size: 1000,
@@ -354,6 +405,52 @@ mod tests {
         let mut expected = frame(Leg::Client, true, OP_TEXT, b"a");
         expected.extend(frame(Leg::Client, true, OP_TEXT, b"b"));
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn runs_of_whole_messages_are_counted_and_checked_like_single_frames() {
+        for (from, compressed) in [
+            (Leg::Client, false),
+            (Leg::Backend, false),
+            (Leg::Client, true),
+        ] {
+            // Short and 16-bit lengths, a ping and a fragmented message inside the run.
+            let mut stream = Vec::new();
+            for size in [0, 1, 125, 126, 1000, 64] {
+                stream.extend(frame(from, true, OP_BINARY, &vec![size as u8; size]));
+            }
+            stream.extend(frame(from, true, OP_PING, b"app"));
+            stream.extend(frame(from, false, OP_TEXT, b"first half "));
+            stream.extend(frame(from, true, OP_CONTINUATION, b"second half"));
+            let mut compressed_message = frame(from, true, OP_TEXT, b"deflated");
+            compressed_message[0] |= 0x40;
+            if compressed {
+                stream.extend(&compressed_message);
+            }
+            stream.extend(frame(from, true, OP_TEXT, b"last"));
+            let frames = if compressed { 11 } else { 10 };
+            let mut dir = Direction::new(from, compressed);
+            let (out, seen) = run(&mut dir, &stream);
+            assert_eq!(out, stream, "{from:?}");
+            assert_eq!(seen.unwrap().frames, frames, "{from:?}");
+            // The same rules hold inside a run: the frames before a bad one go on.
+            let mut dir = Direction::new(from, false);
+            let mut bad = frame(from, true, OP_TEXT, b"fine");
+            let good_len = bad.len();
+            bad.extend(&compressed_message);
+            let (out, r) = run(&mut dir, &bad);
+            assert_eq!(
+                r,
+                Err(Ending::Protocol(from)),
+                "RSV1 without permessage-deflate"
+            );
+            assert_eq!(out, bad[..good_len]);
+            let mut big = frame(from, true, OP_TEXT, b"fine");
+            big.extend(frame(from, true, OP_BINARY, &[1; 1001]));
+            let (out, r) = run(&mut Direction::new(from, compressed), &big);
+            assert_eq!(r, Err(Ending::TooBig(from)), "over max_frame_size");
+            assert_eq!(out, big[..good_len]);
+        }
     }
 
     #[test]

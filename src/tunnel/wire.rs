@@ -8,6 +8,12 @@ pub const MAX_HEADER: usize = 14;
 /// Control frames carry at most 125 bytes (RFC 6455 §5.5).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
 
+/// Bits of a header's first byte: the frame ends its message; the message is compressed.
+pub const FIN: u8 = 0x80;
+pub const RSV1: u8 = 0x40;
+/// Bit of a header's second byte: a mask key follows the length.
+pub const MASKED: u8 = 0x80;
+
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
@@ -58,8 +64,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, WireError> {
     if b0 & 0x30 != 0 {
         return Err(WireError::ReservedBits);
     }
-    let rsv1 = b0 & 0x40 != 0;
-    let fin = b0 & 0x80 != 0;
+    let rsv1 = b0 & RSV1 != 0;
+    let fin = b0 & FIN != 0;
     let opcode = b0 & 0x0f;
     if !matches!(
         opcode,
@@ -67,7 +73,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, WireError> {
     ) {
         return Err(WireError::UnknownOpcode(opcode));
     }
-    let masked = b1 & 0x80 != 0;
+    let masked = b1 & MASKED != 0;
     let (payload_len, mut len) = match b1 & 0x7f {
         126 => {
             if buf.len() < 4 {
