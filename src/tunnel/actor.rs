@@ -96,8 +96,21 @@ pub struct End {
 /// (`max_buffer` lowers it).
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Relay rounds per wake-up before yielding to the worker's other tunnels.
-const ROUNDS_PER_WAKE: usize = 16;
+/// Reads per leg and wake-up before yielding to the worker's other tunnels.
+const READS_PER_WAKE: usize = 16;
+
+/// Turns of both legs per wake-up when one turn changed what the other leg has to do
+/// (the tunnel started ending, a leg went away).
+const REVISITS_PER_WAKE: usize = 4;
+
+/// How a leg's turn ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// Nothing more until a registered waker fires (or another turn changes the state).
+    Waiting,
+    /// The read bound was reached with the leg still readable.
+    Unfinished,
+}
 
 thread_local! {
     /// Per-worker scratch buffers for reading and for building the batch to write: an idle
@@ -129,6 +142,9 @@ pub struct Tunnel {
     /// Set where no actor context is at hand; the relay starts the deadline.
     arm_close_deadline: bool,
     relay_waker: Option<Waker>,
+    /// Set when a leg's turn changed what the other leg has to do (close frames queued,
+    /// a leg gone), so the relay turns both legs again before it waits.
+    revisit: bool,
     lease: ServerLease,
     registry: Arc<Registry>,
     upstream: Arc<str>,
@@ -192,6 +208,7 @@ impl Tunnel {
             close_deadline_armed: false,
             arm_close_deadline: false,
             relay_waker: None,
+            revisit: false,
             lease: params.lease,
             registry: params.registry,
             upstream: params.upstream,
@@ -315,6 +332,7 @@ impl Tunnel {
 
     fn leg_gone(&mut self, leg: Leg) {
         let i = leg as usize;
+        self.revisit = true;
         self.eof[i] = true;
         self.dead[i] = true;
         self.close_sent[i] = true;
@@ -325,31 +343,31 @@ impl Tunnel {
         }
     }
 
-    /// One leg's turn: flush what waits toward the other leg, then read this leg.
-    fn drive(&mut self, from: Leg, cx: &mut TaskContext<'_>) -> bool {
+    /// One leg's turn: flush what waits toward the other leg, then read this leg until it
+    /// has nothing more, so that the turn ends with the leg's wakers registered (a read or
+    /// a write that is pending) or with nothing left to do on it.
+    fn drive(&mut self, from: Leg, cx: &mut TaskContext<'_>) -> Turn {
         let to = from.other();
-        let mut progress = false;
-        if !self.flush(to, cx) {
-            return false;
-        }
-        if !self.inject[to as usize].is_empty() && !self.dirs[from as usize].mid_frame() {
-            let frames = std::mem::take(&mut self.inject[to as usize]);
-            self.pending[to as usize].extend_from_slice(&frames);
-            progress = true;
+        for _ in 0..READS_PER_WAKE {
             if !self.flush(to, cx) {
-                return true;
+                return Turn::Waiting;
             }
-        }
-        if self.eof[from as usize] {
-            return progress;
-        }
-        SCRATCH.with(|scratch| {
-            let (read_buf, out) = &mut *scratch.borrow_mut();
-            let mut buf = ReadBuf::new(&mut read_buf[..self.read_chunk]);
-            match Pin::new(&mut self.io[from as usize]).poll_read(cx, &mut buf) {
-                Poll::Pending => {}
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
-                    let n = buf.filled().len();
+            if !self.inject[to as usize].is_empty() && !self.dirs[from as usize].mid_frame() {
+                let frames = std::mem::take(&mut self.inject[to as usize]);
+                self.pending[to as usize].extend_from_slice(&frames);
+                continue;
+            }
+            if self.eof[from as usize] {
+                return Turn::Waiting;
+            }
+            let read = SCRATCH.with(|scratch| {
+                let (read_buf, out) = &mut *scratch.borrow_mut();
+                let mut buf = ReadBuf::new(&mut read_buf[..self.read_chunk]);
+                let read = Pin::new(&mut self.io[from as usize]).poll_read(cx, &mut buf);
+                let n = buf.filled().len();
+                if let Poll::Ready(Ok(())) = read
+                    && n > 0
+                {
                     match self.ingest(from, &read_buf[..n], out) {
                         Some(direct) => self.write_or_queue(to, &read_buf[direct], cx),
                         None if !out.is_empty() => {
@@ -359,18 +377,21 @@ impl Tunnel {
                         }
                         None => {}
                     }
-                    progress = true;
                 }
+                read.map_ok(|()| n)
+            });
+            match read {
+                Poll::Pending => return Turn::Waiting,
+                Poll::Ready(Ok(n)) if n > 0 => {}
                 Poll::Ready(_) => {
                     self.eof[from as usize] = true;
                     if !self.dirs[from as usize].closed() && !self.aborting {
                         self.end(Ending::Vanished(from));
                     }
-                    progress = true;
                 }
             }
-        });
-        progress
+        }
+        Turn::Unfinished
     }
 
     /// Each leg is gone, or everything for it is written and it has nothing more to say
@@ -399,7 +420,8 @@ impl Tunnel {
                 }
             }
         }
-        for _ in 0..ROUNDS_PER_WAKE {
+        for _ in 0..REVISITS_PER_WAKE {
+            self.revisit = false;
             let client = self.drive(Leg::Client, cx);
             let backend = self.drive(Leg::Backend, cx);
             if self.arm_close_deadline {
@@ -410,7 +432,10 @@ impl Tunnel {
             if self.finished() {
                 return Poll::Ready(());
             }
-            if !client && !backend {
+            if client == Turn::Unfinished || backend == Turn::Unfinished {
+                break;
+            }
+            if !self.revisit {
                 if !self
                     .relay_waker
                     .as_ref()
@@ -421,6 +446,7 @@ impl Tunnel {
                 return Poll::Pending;
             }
         }
+        // More to read than one wake-up's share: yield to the worker's other tunnels.
         cx.waker().wake_by_ref();
         Poll::Pending
     }
@@ -476,6 +502,7 @@ impl Tunnel {
             self.close_sent[i] = true;
         }
         let mask = (leg == Leg::Backend).then(|| fastrand::u32(..).to_ne_bytes());
+        self.revisit = true;
         self.inject[i].extend_from_slice(&wire::control_frame(opcode, payload, mask));
     }
 
