@@ -10,9 +10,8 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// RFC 7692 §7.2.3.1: "Hello" compressed, in one unmasked frame with RSV1 set.
 const HELLO: [u8; 9] = [0xC1, 0x07, 0xF2, 0x48, 0xCD, 0xC9, 0xC9, 0x07, 0x00];
@@ -24,61 +23,6 @@ fn masked_hello() -> Vec<u8> {
     frame.extend_from_slice(&key);
     frame.extend(HELLO[2..].iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
     frame
-}
-
-async fn read_head(stream: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(STEP, stream.read(&mut byte))
-            .await
-            .expect("a head in time")
-            .unwrap();
-        assert_eq!(
-            n,
-            1,
-            "closed inside a head: {:?}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
-}
-
-async fn read_exactly(stream: &mut TcpStream, n: usize) -> Vec<u8> {
-    let mut bytes = vec![0u8; n];
-    tokio::time::timeout(STEP, stream.read_exact(&mut bytes))
-        .await
-        .expect("bytes in time")
-        .unwrap();
-    bytes
-}
-
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-/// Answers the upgrade in `head` with a 101, agreeing to `agreement` if permessage-deflate
-/// was offered; returns whether it was.
-async fn accept_upgrade(stream: &mut TcpStream, head: &str, agreement: &str) -> bool {
-    let key = header(head, "sec-websocket-key").unwrap();
-    let offered = header(head, "sec-websocket-extensions")
-        .is_some_and(|offers| offers.contains("permessage-deflate"));
-    let agreed = if offered {
-        format!("Sec-WebSocket-Extensions: {agreement}\r\n")
-    } else {
-        String::new()
-    };
-    let answer = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {}\r\n{agreed}\r\n",
-        derive_accept_key(key.as_bytes())
-    );
-    stream.write_all(answer.as_bytes()).await.unwrap();
-    offered
 }
 
 /// A backend for one connection that agrees to permessage-deflate when offered it (with

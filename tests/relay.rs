@@ -71,6 +71,62 @@ async fn close_code_and_reason_pass_from_client_to_backend_and_back() {
     assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
 }
 
+/// RFC 6455 §7.1.1: after the close handshake the server ends TCP first and holds
+/// TIME_WAIT. Toward the backend the gateway is the client: it waits for the backend's
+/// end instead of closing first (which would hold one of its own ports toward the backend
+/// for a minute per tunnel), and toward the client it is the server: the client's TCP
+/// ends at once, not when the backend gets round to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_backend_closes_the_gateway_leaves_ending_tcp_to_the_backend() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let gw = gateway(&simple_config(1, ""), &[backend_addr]);
+    let (client_done_tx, client_done) = tokio::sync::oneshot::channel::<()>();
+    let backend = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut stream).await;
+        accept_upgrade(&mut stream, &head, "").await;
+        // The backend closes the WebSocket (1001, unmasked)...
+        stream.write_all(&[0x88, 0x02, 0x03, 0xE9]).await.unwrap();
+        // ...and gets the client's reply (masked, the code echoed).
+        let reply = read_exactly(&mut stream, 8).await;
+        assert_eq!(reply[..2], [0x88, 0x82], "a masked close reply");
+        // The client's TCP ends while the backend still holds its own leg open.
+        tokio::time::timeout(STEP, client_done)
+            .await
+            .expect("the client's TCP ended in time")
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await;
+        assert!(
+            read.is_err(),
+            "the gateway ended TCP toward the backend before the backend did: {read:?}"
+        );
+        // Now the backend ends TCP, as a server does.
+    });
+    let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    let close = tokio::time::timeout(STEP, ws.next())
+        .await
+        .expect("a close in time");
+    assert!(
+        matches!(close, Some(Ok(Message::Close(Some(_))))),
+        "{close:?}"
+    );
+    // The reply goes out with the next poll; then the TCP end, well before the gateway's
+    // close deadline (5 s) would force it.
+    let end = tokio::time::timeout(Duration::from_secs(3), ws.next())
+        .await
+        .expect("the client's TCP ends without waiting for the backend");
+    assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
+    client_done_tx.send(()).unwrap();
+    backend.await.unwrap();
+    // The tunnel ends once the backend has ended TCP.
+    eventually("the tunnel ended", STEP, || async {
+        gw.shared().registry.is_empty().then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_close_code_reaches_the_client() {
     let backend = WsBackend::start("b1", Behavior::Echo).await;

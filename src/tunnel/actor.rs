@@ -132,6 +132,8 @@ pub struct Tunnel {
     dead: [bool; 2],
     /// A Close frame went to the leg: nothing more may follow it.
     close_sent: [bool; 2],
+    /// The gateway ended the client's TCP (shutdown) while waiting for the backend's end.
+    client_tcp_ended: bool,
     /// The gateway is ending the tunnel: data is no longer relayed.
     aborting: bool,
     limits: Limits,
@@ -192,6 +194,7 @@ impl Tunnel {
             eof: [false; 2],
             dead: [false; 2],
             close_sent: [false; 2],
+            client_tcp_ended: false,
             aborting: false,
             limits: Limits {
                 max_frame_size: s.max_frame_size as u64,
@@ -394,16 +397,35 @@ impl Tunnel {
         Turn::Unfinished
     }
 
-    /// Each leg is gone, or everything for it is written and it has nothing more to say
-    /// (its Close came, or it is no longer read).
+    /// Everything for the leg is written and it has nothing more to say (its close
+    /// handshake is over, or it is no longer read), or it is gone.
+    fn leg_done(&self, leg: Leg) -> bool {
+        let i = leg as usize;
+        self.dead[i]
+            || (self.pending[i].is_empty()
+                && self.inject[i].is_empty()
+                && (self.eof[i] || (self.dirs[i].closed() && self.close_sent[i])))
+    }
+
+    /// Both legs are done, and the backend has ended TCP unless it is gone or being failed.
+    /// Toward the backend the gateway is the WebSocket client, which leaves ending TCP
+    /// to the server (RFC 6455 §7.1.1) so that the server holds TIME_WAIT: a gateway that
+    /// closed first would keep one of its own ports toward the backend unusable for a
+    /// minute per tunnel. The close deadline bounds the wait.
     fn finished(&self) -> bool {
-        [Leg::Client, Leg::Backend].iter().all(|&leg| {
-            let i = leg as usize;
-            self.dead[i]
-                || (self.pending[i].is_empty()
-                    && self.inject[i].is_empty()
-                    && (self.eof[i] || (self.dirs[i].closed() && self.close_sent[i])))
-        })
+        let backend = Leg::Backend as usize;
+        self.leg_done(Leg::Client)
+            && self.leg_done(Leg::Backend)
+            && (self.dead[backend] || self.eof[backend])
+    }
+
+    /// Ends the client's TCP as soon as its leg is done, while the backend's end is still
+    /// awaited: toward the client the gateway is the server, which closes first.
+    fn end_client_tcp(&mut self, cx: &mut TaskContext<'_>) {
+        let client = Leg::Client as usize;
+        if !self.client_tcp_ended && !self.dead[client] && self.leg_done(Leg::Client) {
+            self.client_tcp_ended = Pin::new(&mut self.io[client]).poll_shutdown(cx).is_ready();
+        }
     }
 
     fn poll_relay(&mut self, ctx: &mut Context<Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
@@ -432,6 +454,7 @@ impl Tunnel {
             if self.finished() {
                 return Poll::Ready(());
             }
+            self.end_client_tcp(cx);
             if client == Turn::Unfinished || backend == Turn::Unfinished {
                 break;
             }

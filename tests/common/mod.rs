@@ -553,3 +553,61 @@ pub fn rss_bytes() -> u64 {
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
 }
+
+/// Reads an HTTP head byte by byte (nothing after it is consumed).
+pub async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(STEP, stream.read(&mut byte))
+            .await
+            .expect("a head in time")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed inside a head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// Reads exactly `n` bytes.
+pub async fn read_exactly(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; n];
+    tokio::time::timeout(STEP, stream.read_exact(&mut bytes))
+        .await
+        .expect("bytes in time")
+        .unwrap();
+    bytes
+}
+
+/// A header's value in a raw head.
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Answers the upgrade in `head` with a 101, agreeing to `agreement` if permessage-deflate
+/// was offered; returns whether it was.
+pub async fn accept_upgrade(stream: &mut TcpStream, head: &str, agreement: &str) -> bool {
+    let key = header(head, "sec-websocket-key").unwrap();
+    let offered = header(head, "sec-websocket-extensions")
+        .is_some_and(|offers| offers.contains("permessage-deflate"));
+    let agreed = if offered {
+        format!("Sec-WebSocket-Extensions: {agreement}\r\n")
+    } else {
+        String::new()
+    };
+    let answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n{agreed}\r\n",
+        tungstenite::handshake::derive_accept_key(key.as_bytes())
+    );
+    stream.write_all(answer.as_bytes()).await.unwrap();
+    offered
+}
