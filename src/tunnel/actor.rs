@@ -1,49 +1,35 @@
-//! The tunnel actor: owns one WebSocket connection's two sockets and its whole life.
+//! The tunnel actor: owns one WebSocket connection's life, not its bytes.
 //!
-//! The relay itself runs inside the actor as one future ([`Relay`]) that reads whichever
-//! leg has bytes, passes them through [`Direction::process`] and writes the result to the
-//! other leg: one read and one write per batch of frames, no mailbox hop, no per-frame
-//! allocation, no lock. Bytes a slow leg cannot take yet wait in that leg's `pending`
-//! buffer, and while they wait the other leg is not read, so TCP back-pressure reaches the
-//! sender. Timers (heartbeat, idle, close deadline) and `End` messages are ordinary actor
-//! handlers that change the state and wake the relay.
+//! It is listed in the [`Registry`] (so shutdown and draining reach it with [`End`]),
+//! pings both legs on its heartbeat timer, fails a leg that stops answering or a tunnel
+//! that stays idle, and stops once the relay is done, writing the access log line. The
+//! bytes themselves go through the [`Relay`], a task of its own that shares the
+//! tunnel's state ([`Core`]) with the actor: the relay's wake-ups do not go through the
+//! actor's mailbox and timers, and the actor's handlers change the state and wake it.
 
 use std::cell::RefCell;
-use std::ops::Range;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll, Waker};
+use std::sync::atomic::AtomicUsize;
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use actix::{
     Actor, ActorContext, ActorFuture, AsyncContext, Context, Handler, Message as ActixMessage,
     SpawnHandle,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-use super::ending::{Ending, HEARTBEAT_PAYLOAD};
-use super::heartbeat::{TimerEvent, Timers};
-use super::pump::{Direction, Limits, Processed};
-use super::wire::{self, OP_CLOSE, OP_PING};
-use super::{Leg, Registry, RegistryEntry};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use crate::config::TunnelSettings;
-use crate::config::defaults::CLOSE_TIMEOUT;
-use crate::limits::Permits;
-use crate::pool::ServerLease;
 use prometheus_client::metrics::counter::Counter;
 
-/// A leg's byte stream: a TCP connection, or later TLS on top of one.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Io for T {}
+use super::ending::{Ending, HEARTBEAT_PAYLOAD};
+use super::heartbeat::TimerEvent;
+use super::relay::{ClientAddr, Core, LegIo, Relay};
+use super::wire::OP_PING;
+use super::{Leg, Registry, RegistryEntry};
 
-/// One leg as the handshake hands it over: the stream, and bytes already read from it
-/// (frames that arrived together with the handshake).
-pub struct LegIo {
-    pub io: Box<dyn Io>,
-    pub early: bytes::Bytes,
-}
+use crate::config::TunnelSettings;
+use crate::limits::Permits;
+use crate::pool::ServerLease;
 
 /// What a tunnel needs besides its two sockets.
 pub struct TunnelParams {
@@ -70,20 +56,6 @@ pub struct TunnelParams {
     pub permessage_deflate: bool,
 }
 
-/// The client's address for logs, formatted only when a log line is written (a string
-/// per tunnel cost a formatting pass and an allocation on every handshake).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub Option<std::net::SocketAddr>);
-
-impl std::fmt::Display for ClientAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(addr) => addr.fmt(f),
-            None => Ok(()),
-        }
-    }
-}
-
 /// Ends a tunnel from outside (shutdown, draining), at once or `after` a delay.
 #[derive(ActixMessage, Debug, Clone, Copy)]
 #[rtype(result = "()")]
@@ -92,502 +64,40 @@ pub struct End {
     pub after: Duration,
 }
 
-/// Bytes read in one go; also the most a leg can have waiting toward a slow peer
-/// (`max_buffer` lowers it).
-const READ_CHUNK: usize = 64 * 1024;
-
-/// Reads per leg and wake-up before yielding to the worker's other tunnels.
-const READS_PER_WAKE: usize = 16;
-
-/// Turns of both legs per wake-up when one turn changed what the other leg has to do
-/// (the tunnel started ending, a leg went away).
-const REVISITS_PER_WAKE: usize = 4;
-
-/// How a leg's turn ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Turn {
-    /// Nothing more until a registered waker fires (or another turn changes the state).
-    Waiting,
-    /// The read bound was reached with the leg still readable.
-    Unfinished,
-}
-
-thread_local! {
-    /// Per-worker scratch buffers for reading and for building the batch to write: an idle
-    /// tunnel holds no buffer of its own.
-    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = RefCell::new((vec![0u8; READ_CHUNK], Vec::with_capacity(READ_CHUNK + 1024)));
-}
-
 pub struct Tunnel {
-    io: [Box<dyn Io>; 2],
-    /// Parser state of the bytes coming *from* each leg.
-    dirs: [Direction; 2],
-    /// Bytes waiting to be written *to* each leg.
-    pending: [Vec<u8>; 2],
-    /// The gateway's own frames for each leg, sent at the next frame boundary.
-    inject: [Vec<u8>; 2],
-    /// Nothing more is read from the leg: its input ended, or it is being failed.
-    eof: [bool; 2],
-    /// Nothing more can be written to the leg: a write failed, or it was cut mid-frame.
-    dead: [bool; 2],
-    /// A Close frame went to the leg: nothing more may follow it.
-    close_sent: [bool; 2],
-    /// The gateway ended the client's TCP (shutdown) while waiting for the backend's end.
-    client_tcp_ended: bool,
-    /// The gateway is ending the tunnel: data is no longer relayed.
-    aborting: bool,
-    limits: Limits,
-    read_chunk: usize,
-    timers: Timers,
-    timer: Option<SpawnHandle>,
-    close_deadline_armed: bool,
-    /// Set where no actor context is at hand; the relay starts the deadline.
-    arm_close_deadline: bool,
-    relay_waker: Option<Waker>,
-    /// Set when a leg's turn changed what the other leg has to do (close frames queued,
-    /// a leg gone), so the relay turns both legs again before it waits.
-    revisit: bool,
-    lease: ServerLease,
+    core: Rc<RefCell<Core>>,
     registry: Arc<Registry>,
+    /// The upstream the server was picked from (draining is per upstream).
     upstream: Arc<str>,
     entry: Option<RegistryEntry>,
-    client_addr: ClientAddr,
-    route: Arc<str>,
-    ending: Option<Ending>,
-    early: [bytes::Bytes; 2],
-    _permits: Permits,
-    buffered: Arc<AtomicUsize>,
-    /// What this tunnel last added to `buffered`.
-    accounted: usize,
-    /// Since when bytes have been waiting toward each leg (for `slow_consumer = "close"`).
-    backlog_since: [Option<Instant>; 2],
-    slow_consumer_timeout: Option<Duration>,
-    counters: [(Counter, Counter); 2],
-    shared: actix_web::web::Data<crate::proxy::Shared>,
-    access_log: bool,
-    started: Instant,
-    /// Frames and bytes from each leg, for the access log.
-    frames: [u64; 2],
-    bytes: [u64; 2],
-    /// The first close frame that went through, with the side that sent it.
-    first_close: Option<(&'static str, Option<u16>)>,
+    timer: Option<SpawnHandle>,
 }
 
 impl Tunnel {
-    /// Spawns the tunnel on the current worker, which owns it from then on: the HTTP
-    /// connection that carried the upgrade is done (limits and shutdown go through the
-    /// tunnel's permits and the registry).
+    /// Spawns the tunnel's actor and its relay on the current worker, which owns them from
+    /// then on: the HTTP connection that carried the upgrade is done (limits and shutdown
+    /// go through the tunnel's permits and the registry). The relay is a task of its own,
+    /// not part of the connection's: that task's future is sized for every HTTP path and
+    /// would stay allocated for the tunnel's whole life.
     pub fn start(client: LegIo, backend: LegIo, params: TunnelParams) {
-        let s = params.settings;
-        let compressed = params.permessage_deflate;
-        // An empty `Bytes` frozen from a handshake's read buffer still pins that buffer's
-        // whole capacity (8 KiB per leg): keep the bytes only if there are any.
-        let early = |b: bytes::Bytes| if b.is_empty() { bytes::Bytes::new() } else { b };
+        let registry = Arc::clone(&params.registry);
+        let upstream = Arc::clone(&params.upstream);
+        let core = Rc::new(RefCell::new(Core::new(client, backend, params)));
         Tunnel {
-            io: [client.io, backend.io],
-            dirs: [
-                Direction::new(Leg::Client, compressed),
-                Direction::new(Leg::Backend, compressed),
-            ],
-            pending: [Vec::new(), Vec::new()],
-            inject: [Vec::new(), Vec::new()],
-            eof: [false; 2],
-            dead: [false; 2],
-            close_sent: [false; 2],
-            client_tcp_ended: false,
-            aborting: false,
-            limits: Limits {
-                max_frame_size: s.max_frame_size as u64,
-                max_message_size: s.max_message_size as u64,
-            },
-            read_chunk: s.max_buffer.clamp(1024, READ_CHUNK),
-            timers: Timers::new(
-                Instant::now(),
-                s.ping_interval,
-                s.pong_timeout,
-                s.idle_timeout,
-            ),
-            timer: None,
-            close_deadline_armed: false,
-            arm_close_deadline: false,
-            relay_waker: None,
-            revisit: false,
-            lease: params.lease,
-            registry: params.registry,
-            upstream: params.upstream,
+            core: Rc::clone(&core),
+            registry,
+            upstream,
             entry: None,
-            client_addr: params.client_addr,
-            route: params.route,
-            ending: None,
-            early: [early(client.early), early(backend.early)],
-            _permits: params.permits,
-            buffered: params.buffered,
-            accounted: 0,
-            backlog_since: [None, None],
-            slow_consumer_timeout: s.slow_consumer_timeout,
-            counters: params.counters,
-            shared: params.shared,
-            access_log: params.access_log,
-            started: Instant::now(),
-            frames: [0; 2],
-            bytes: [0; 2],
-            first_close: None,
+            timer: None,
         }
         .start();
-    }
-
-    /// Processes bytes read from `from`; what goes to the other leg is either in `out` or,
-    /// when it is one unchanged range of `input`, that range (written without a copy).
-    fn ingest(&mut self, from: Leg, input: &[u8], out: &mut Vec<u8>) -> Option<Range<usize>> {
-        let to = from.other();
-        self.timers.heard(from);
-        // The direction itself stops after a Close it forwarded, and after the frame in
-        // flight once the gateway ends the tunnel (its own close follows that frame).
-        let forward = !self.dead[to as usize];
-        out.clear();
-        match self.dirs[from as usize].process(input, out, &self.limits) {
-            Err(ending) => {
-                // The frames before the bad one are delivered; then the tunnel ends.
-                if !forward {
-                    out.clear();
-                }
-                self.end(ending);
-                None
-            }
-            Ok(Processed { seen, direct }) => {
-                if seen.data {
-                    self.timers.data();
-                }
-                let i = from as usize;
-                self.frames[i] += u64::from(seen.frames);
-                self.bytes[i] += input.len() as u64;
-                self.counters[i].0.inc_by(u64::from(seen.frames));
-                self.counters[i].1.inc_by(input.len() as u64);
-                if let Some(code) = seen.close {
-                    let side = if from == Leg::Client {
-                        "client"
-                    } else {
-                        "backend"
-                    };
-                    self.shared.metrics.close(side, code);
-                    self.first_close.get_or_insert((side, code));
-                }
-                if !forward {
-                    out.clear();
-                } else if seen.close.is_some() {
-                    self.close_sent[to as usize] = true;
-                }
-                if seen.close.is_some() {
-                    self.arm_close_deadline = true;
-                }
-                direct.filter(|_| forward)
-            }
-        }
-    }
-
-    /// Writes `pending[to]`; true once it is empty.
-    fn flush(&mut self, to: Leg, cx: &mut TaskContext<'_>) -> bool {
-        let i = to as usize;
-        if self.pending[i].is_empty() {
-            // Nothing waits: no flush, no buffer to release.
-            return true;
-        }
-        while !self.pending[i].is_empty() {
-            match Pin::new(&mut self.io[i]).poll_write(cx, &self.pending[i]) {
-                Poll::Ready(Ok(n)) if n > 0 => {
-                    self.pending[i].drain(..n);
-                }
-                Poll::Pending => return false,
-                Poll::Ready(_) => {
-                    self.leg_gone(to);
-                    return true;
-                }
-            }
-        }
-        // Release what a burst grew; an idle tunnel keeps no buffer.
-        self.pending[i] = Vec::new();
-        let _ = Pin::new(&mut self.io[i]).poll_flush(cx);
-        true
-    }
-
-    /// Writes `out` to `to` now if it can; queues what it cannot.
-    fn write_or_queue(&mut self, to: Leg, out: &[u8], cx: &mut TaskContext<'_>) {
-        let i = to as usize;
-        let mut written = 0;
-        if self.pending[i].is_empty() && !self.dead[to as usize] {
-            while written < out.len() {
-                match Pin::new(&mut self.io[i]).poll_write(cx, &out[written..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => written += n,
-                    Poll::Pending => break,
-                    Poll::Ready(_) => {
-                        self.leg_gone(to);
-                        return;
-                    }
-                }
-            }
-            if written == out.len() {
-                let _ = Pin::new(&mut self.io[i]).poll_flush(cx);
-                return;
-            }
-        }
-        self.pending[i].extend_from_slice(&out[written..]);
-    }
-
-    fn leg_gone(&mut self, leg: Leg) {
-        let i = leg as usize;
-        self.revisit = true;
-        self.eof[i] = true;
-        self.dead[i] = true;
-        self.close_sent[i] = true;
-        self.pending[i] = Vec::new();
-        self.inject[i] = Vec::new();
-        if !self.aborting {
-            self.end(Ending::Vanished(leg));
-        }
-    }
-
-    /// One leg's turn: flush what waits toward the other leg, then read this leg until it
-    /// has nothing more, so that the turn ends with the leg's wakers registered (a read or
-    /// a write that is pending) or with nothing left to do on it.
-    fn drive(&mut self, from: Leg, cx: &mut TaskContext<'_>) -> Turn {
-        let to = from.other();
-        for _ in 0..READS_PER_WAKE {
-            if !self.flush(to, cx) {
-                return Turn::Waiting;
-            }
-            if !self.inject[to as usize].is_empty() && !self.dirs[from as usize].mid_frame() {
-                let frames = std::mem::take(&mut self.inject[to as usize]);
-                self.pending[to as usize].extend_from_slice(&frames);
-                continue;
-            }
-            if self.eof[from as usize] {
-                return Turn::Waiting;
-            }
-            let read = SCRATCH.with(|scratch| {
-                let (read_buf, out) = &mut *scratch.borrow_mut();
-                let mut buf = ReadBuf::new(&mut read_buf[..self.read_chunk]);
-                let read = Pin::new(&mut self.io[from as usize]).poll_read(cx, &mut buf);
-                let n = buf.filled().len();
-                if let Poll::Ready(Ok(())) = read
-                    && n > 0
-                {
-                    match self.ingest(from, &read_buf[..n], out) {
-                        Some(direct) => self.write_or_queue(to, &read_buf[direct], cx),
-                        None if !out.is_empty() => {
-                            let batch = std::mem::take(out);
-                            self.write_or_queue(to, &batch, cx);
-                            *out = batch;
-                        }
-                        None => {}
-                    }
-                }
-                read.map_ok(|()| n)
-            });
-            match read {
-                Poll::Pending => return Turn::Waiting,
-                Poll::Ready(Ok(n)) if n > 0 => {}
-                Poll::Ready(_) => {
-                    self.eof[from as usize] = true;
-                    if !self.dirs[from as usize].closed() && !self.aborting {
-                        self.end(Ending::Vanished(from));
-                    }
-                }
-            }
-        }
-        Turn::Unfinished
-    }
-
-    /// Everything for the leg is written and it has nothing more to say (its close
-    /// handshake is over, or it is no longer read), or it is gone.
-    fn leg_done(&self, leg: Leg) -> bool {
-        let i = leg as usize;
-        self.dead[i]
-            || (self.pending[i].is_empty()
-                && self.inject[i].is_empty()
-                && (self.eof[i] || (self.dirs[i].closed() && self.close_sent[i])))
-    }
-
-    /// Both legs are done, and the backend has ended TCP unless it is gone or being failed.
-    /// Toward the backend the gateway is the WebSocket client, which leaves ending TCP
-    /// to the server (RFC 6455 §7.1.1) so that the server holds TIME_WAIT: a gateway that
-    /// closed first would keep one of its own ports toward the backend unusable for a
-    /// minute per tunnel. The close deadline bounds the wait.
-    fn finished(&self) -> bool {
-        let backend = Leg::Backend as usize;
-        self.leg_done(Leg::Client)
-            && self.leg_done(Leg::Backend)
-            && (self.dead[backend] || self.eof[backend])
-    }
-
-    /// Ends the client's TCP as soon as its leg is done, while the backend's end is still
-    /// awaited: toward the client the gateway is the server, which closes first.
-    fn end_client_tcp(&mut self, cx: &mut TaskContext<'_>) {
-        let client = Leg::Client as usize;
-        if !self.client_tcp_ended && !self.dead[client] && self.leg_done(Leg::Client) {
-            self.client_tcp_ended = Pin::new(&mut self.io[client]).poll_shutdown(cx).is_ready();
-        }
-    }
-
-    fn poll_relay(&mut self, ctx: &mut Context<Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
-        if !self.early[0].is_empty() || !self.early[1].is_empty() {
-            for leg in [Leg::Client, Leg::Backend] {
-                let early = std::mem::take(&mut self.early[leg as usize]);
-                if !early.is_empty() {
-                    let mut out = Vec::new();
-                    let forwarded = match self.ingest(leg, &early, &mut out) {
-                        Some(direct) => &early[direct],
-                        None => &out[..],
-                    };
-                    self.pending[leg.other() as usize].extend_from_slice(forwarded);
-                }
-            }
-        }
-        for _ in 0..REVISITS_PER_WAKE {
-            self.revisit = false;
-            let client = self.drive(Leg::Client, cx);
-            let backend = self.drive(Leg::Backend, cx);
-            if self.arm_close_deadline {
-                self.arm_close_deadline = false;
-                self.start_close_deadline(ctx);
-            }
-            self.account(ctx);
-            if self.finished() {
-                return Poll::Ready(());
-            }
-            self.end_client_tcp(cx);
-            if client == Turn::Unfinished || backend == Turn::Unfinished {
-                break;
-            }
-            if !self.revisit {
-                if !self
-                    .relay_waker
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    self.relay_waker = Some(cx.waker().clone());
-                }
-                return Poll::Pending;
-            }
-        }
-        // More to read than one wake-up's share: yield to the worker's other tunnels.
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-
-    /// Brings the gateway-wide buffered count up to date (an atomic operation only when
-    /// this tunnel's backlog changed, which happens only while a leg is slow).
-    fn account(&mut self, ctx: &mut Context<Self>) {
-        if let Some(timeout) = self.slow_consumer_timeout {
-            for leg in [Leg::Client, Leg::Backend] {
-                let i = leg as usize;
-                match (self.pending[i].is_empty(), self.backlog_since[i]) {
-                    (true, _) => self.backlog_since[i] = None,
-                    (false, None) => {
-                        let since = Instant::now();
-                        self.backlog_since[i] = Some(since);
-                        ctx.run_later(timeout, move |act, _| {
-                            if act.backlog_since[i] == Some(since) {
-                                act.end(Ending::Slow(leg));
-                            }
-                        });
-                    }
-                    (false, Some(_)) => {}
-                }
-            }
-        }
-        let now = self.pending[0].len() + self.pending[1].len();
-        if now != self.accounted {
-            if now > self.accounted {
-                self.buffered
-                    .fetch_add(now - self.accounted, Ordering::Relaxed);
-            } else {
-                self.buffered
-                    .fetch_sub(self.accounted - now, Ordering::Relaxed);
-            }
-            self.accounted = now;
-        }
-    }
-
-    fn wake_relay(&self) {
-        if let Some(waker) = &self.relay_waker {
-            waker.wake_by_ref();
-        }
-    }
-
-    /// Queues one of the gateway's own frames toward `leg` (masked toward the backend, as
-    /// a client must).
-    fn inject_frame(&mut self, leg: Leg, opcode: u8, payload: &[u8]) {
-        let i = leg as usize;
-        if self.close_sent[i] || self.dead[leg as usize] {
-            return;
-        }
-        if opcode == OP_CLOSE {
-            self.close_sent[i] = true;
-        }
-        let mask = (leg == Leg::Backend).then(|| fastrand::u32(..).to_ne_bytes());
-        self.revisit = true;
-        self.inject[i].extend_from_slice(&wire::control_frame(opcode, payload, mask));
-    }
-
-    /// The gateway ends the tunnel: close frames to the legs that can take one, then wait
-    /// for their replies at most [`CLOSE_TIMEOUT`].
-    fn end(&mut self, ending: Ending) {
-        if self.aborting {
-            return;
-        }
-        self.aborting = true;
-        self.ending = Some(ending);
-        tracing::debug!(client = %self.client_addr, route = %self.route,
-            server = %self.lease.server().config, ?ending, "tunnel ending");
-        let abort = ending.abort();
-        for (leg, reason) in [
-            (Leg::Client, abort.to_client),
-            (Leg::Backend, abort.to_backend),
-        ] {
-            let i = leg as usize;
-            // Toward this leg: finish the frame in flight, then nothing but our close.
-            self.dirs[leg.other() as usize].cut();
-            match reason {
-                Some(reason) if !self.dead[i] && !self.eof[i] => {
-                    let code: u16 = reason.code.into();
-                    self.shared.metrics.close("gateway", Some(code));
-                    if leg == Leg::Client {
-                        self.first_close.get_or_insert(("gateway", Some(code)));
-                    }
-                    let text = reason.description.as_deref().unwrap_or("");
-                    self.inject_frame(leg, OP_CLOSE, &wire::close_payload(code, text));
-                }
-                _ => self.eof[i] = true,
-            }
-        }
-        // A leg that stopped answering or broke the protocol is failed (RFC 6455 §7.1.7):
-        // it gets its close frame, but nobody waits for its reply.
-        if let Ending::Silent(leg)
-        | Ending::Protocol(leg)
-        | Ending::TooBig(leg)
-        | Ending::Slow(leg) = ending
-        {
-            self.eof[leg as usize] = true;
-        }
-        self.arm_close_deadline = true;
-        self.wake_relay();
-    }
-
-    fn start_close_deadline(&mut self, ctx: &mut Context<Self>) {
-        if !self.close_deadline_armed {
-            self.close_deadline_armed = true;
-            if let Some(timer) = self.timer.take() {
-                ctx.cancel_future(timer);
-            }
-            ctx.run_later(CLOSE_TIMEOUT, |act, ctx| {
-                tracing::debug!(client = %act.client_addr, "close handshake timed out");
-                ctx.stop();
-            });
-        }
+        actix_rt::spawn(Relay::new(core));
     }
 
     fn arm_timer(&mut self, ctx: &mut Context<Self>) {
         let delay = self
+            .core
+            .borrow()
             .timers
             .next_wake()
             .saturating_duration_since(Instant::now());
@@ -596,29 +106,32 @@ impl Tunnel {
 
     fn on_timer(&mut self, ctx: &mut Context<Self>) {
         self.timer = None;
-        if self.aborting || self.close_deadline_armed {
-            return;
-        }
-        let now = Instant::now();
-        while let Some(event) = self.timers.on_wake(now) {
-            match event {
-                TimerEvent::Ping => {
-                    self.inject_frame(Leg::Client, OP_PING, HEARTBEAT_PAYLOAD);
-                    self.inject_frame(Leg::Backend, OP_PING, HEARTBEAT_PAYLOAD);
-                    self.wake_relay();
+        {
+            let mut core = self.core.borrow_mut();
+            if core.aborting || core.close_deadline_armed {
+                return;
+            }
+            let now = Instant::now();
+            while let Some(event) = core.timers.on_wake(now) {
+                match event {
+                    TimerEvent::Ping => {
+                        core.inject_frame(Leg::Client, OP_PING, HEARTBEAT_PAYLOAD);
+                        core.inject_frame(Leg::Backend, OP_PING, HEARTBEAT_PAYLOAD);
+                        core.wake_relay();
+                    }
+                    TimerEvent::Dead(leg) => return core.end(Ending::Silent(leg)),
+                    TimerEvent::Idle => return core.end(Ending::Idle),
                 }
-                TimerEvent::Dead(leg) => return self.end(Ending::Silent(leg)),
-                TimerEvent::Idle => return self.end(Ending::Idle),
             }
         }
         self.arm_timer(ctx);
     }
 }
 
-/// The relay as a future of the actor, so it runs with the actor's state in hand.
-struct Relay;
+/// Stops the actor once the relay is done.
+struct RelayDone;
 
-impl ActorFuture<Tunnel> for Relay {
+impl ActorFuture<Tunnel> for RelayDone {
     type Output = ();
 
     fn poll(
@@ -627,11 +140,19 @@ impl ActorFuture<Tunnel> for Relay {
         ctx: &mut Context<Tunnel>,
         task: &mut TaskContext<'_>,
     ) -> Poll<()> {
-        let poll = act.poll_relay(ctx, task);
-        if poll.is_ready() {
+        let mut core = act.core.borrow_mut();
+        if core.relay_done {
             ctx.stop();
+            return Poll::Ready(());
         }
-        poll
+        if !core
+            .actor_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(task.waker()))
+        {
+            core.actor_waker = Some(task.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -639,32 +160,18 @@ impl Actor for Tunnel {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        let server = Arc::clone(self.core.borrow().lease.server());
         self.entry = Some(self.registry.insert(
             Arc::clone(&self.upstream),
-            Arc::clone(self.lease.server()),
+            server,
             ctx.address().recipient(),
         ));
         self.arm_timer(ctx);
-        ctx.spawn(Relay);
+        ctx.spawn(RelayDone);
     }
 
-    fn stopped(&mut self, ctx: &mut Self::Context) {
-        self.pending = [Vec::new(), Vec::new()];
-        self.slow_consumer_timeout = None;
-        self.account(ctx);
-        if self.access_log {
-            let (closed_by, code) = self.first_close.unwrap_or(("none", None));
-            tracing::info!(target: "wsgate::access",
-                client = %self.client_addr, route = %self.route, server = %self.lease.server().config,
-                duration_ms = self.started.elapsed().as_millis() as u64,
-                frames_in = self.frames[0], bytes_in = self.bytes[0],
-                frames_out = self.frames[1], bytes_out = self.bytes[1],
-                close_code = code.map_or(0, u64::from), closed_by,
-                permessage_deflate = self.dirs[0].compressed(),
-                ending = ?self.ending, "tunnel");
-        }
-        tracing::debug!(client = %self.client_addr, route = %self.route,
-            server = %self.lease.server().config, ending = ?self.ending, "tunnel closed");
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.core.borrow().log_end();
     }
 }
 
@@ -673,9 +180,11 @@ impl Handler<End> for Tunnel {
 
     fn handle(&mut self, msg: End, ctx: &mut Self::Context) {
         if msg.after.is_zero() {
-            self.end(msg.ending);
+            self.core.borrow_mut().end(msg.ending);
         } else {
-            ctx.run_later(msg.after, move |act, _| act.end(msg.ending));
+            ctx.run_later(msg.after, move |act, _| {
+                act.core.borrow_mut().end(msg.ending)
+            });
         }
     }
 }

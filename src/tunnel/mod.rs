@@ -2,16 +2,18 @@
 //! backend leg and owning the connection's whole life.
 //!
 //! Lifecycle: the proxy dials the backend and answers the client's upgrade
-//! ([`crate::proxy`]), then [`Tunnel::start`] spawns the actor on the accepting worker with
-//! both raw sockets. It relays frames as they came ([`pump`], on [`wire`] headers), pings
-//! both legs ([`heartbeat`]), holds back a fast sender while the other leg is slow, and
-//! ends with a close frame to each leg that can still take one ([`ending`] says which).
-//! [`Registry`] lists live tunnels so shutdown and draining can reach them.
+//! ([`crate::proxy`]), then [`Tunnel::start`] spawns the tunnel's actor and its relay on
+//! the accepting worker with both raw sockets. The relay ([`relay`]) forwards frames as they came ([`pump`], on [`wire`]
+//! headers), holds back a fast sender while the other leg is slow, and ends with a close
+//! frame to each leg that can still take one ([`ending`] says which); the actor
+//! ([`actor`]) pings both legs ([`heartbeat`]) and owns the tunnel's life. [`Registry`]
+//! lists live tunnels so shutdown and draining can reach them.
 
 mod actor;
 pub mod ending;
 pub mod heartbeat;
 pub mod pump;
+mod relay;
 pub mod wire;
 
 use std::sync::Arc;
@@ -21,8 +23,9 @@ use std::time::Duration;
 use actix::Recipient;
 use dashmap::DashMap;
 
-pub use actor::{ClientAddr, End, Io, LegIo, Tunnel, TunnelParams};
+pub use actor::{End, Tunnel, TunnelParams};
 pub use ending::Ending;
+pub use relay::{ClientAddr, Io, LegIo};
 
 use crate::pool::Server;
 
