@@ -127,6 +127,30 @@ async fn after_a_backend_closes_the_gateway_leaves_ending_tcp_to_the_backend() {
     .await;
 }
 
+/// A backend that never answers the close handshake holds the tunnel only until the close
+/// deadline (5 s): then both legs' TCP ends and the tunnel is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_the_backend_never_answers_ends_at_the_close_deadline() {
+    let backend = WsBackend::start("mute", Behavior::Silent).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let mut ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    let started = std::time::Instant::now();
+    ws.send(Message::Close(None)).await.unwrap();
+    let end = tokio::time::timeout(STEP, ws.next())
+        .await
+        .expect("the gateway ends the tunnel within the close deadline");
+    assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "ended before the close deadline: {:?}",
+        started.elapsed()
+    );
+    eventually("the tunnel ended", STEP, || async {
+        gw.shared().registry.is_empty().then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_close_code_reaches_the_client() {
     let backend = WsBackend::start("b1", Behavior::Echo).await;
