@@ -5,6 +5,8 @@
 #   bench/run.sh              # full run (~6 min)
 #   QUICK=1 bench/run.sh      # smoke run (~2 min)
 #   CONTENDERS=nginx,haproxy,caddy bench/run.sh   # add Caddy (needs the caddy package)
+#   bench/run.sh "wsgate-old=bash bench/wsgate-contender.sh /path/to/old/wsgate {PORT} {BACKENDS} {RUNDIR},8096"
+#                             # an earlier build as one more contender, for before/after
 #
 # Every other setting of the harness (bench/harness/README.md) passes through the
 # environment. Results go to $RUN_DIR (printed at the start): report.md and results.jsonl.
@@ -27,6 +29,8 @@ WSGATE="$REPO/target/release/wsgate"
 
 export CONTENDERS="${CONTENDERS:-nginx,haproxy}"
 export WSGATE_PORT="${WSGATE_PORT:-8090}"
+# Extra contenders given on the command line (NAME=COMMAND,PORT) run in the same rounds,
+# e.g. an earlier wsgate build for a before/after comparison beside nginx.
 exec "$HERE/harness/run.sh" \
-  "wsgate=bash $HERE/wsgate-contender.sh $WSGATE {PORT} {BACKENDS} {RUNDIR},$WSGATE_PORT"
+  "wsgate=bash $HERE/wsgate-contender.sh $WSGATE {PORT} {BACKENDS} {RUNDIR},$WSGATE_PORT" "$@"
 }
