@@ -108,10 +108,13 @@ pub struct Core {
     pub(super) aborting: bool,
     limits: Limits,
     read_chunk: usize,
+    /// Heartbeat and idle clock: the relay flips its flags, the actor's timer reads them.
     pub(super) timers: Timers,
-    pub(super) close_deadline_armed: bool,
-    /// Set where no actor context is at hand; the relay starts the deadline.
+    /// The close handshake started (a Close went through, or the gateway is ending the
+    /// tunnel): the relay arms its close deadline, and the heartbeat stops.
     arm_close_deadline: bool,
+    pub(super) close_deadline_armed: bool,
+    /// The relay task's waker, for the actor's handlers (pings, `End`).
     relay_waker: Option<Waker>,
     /// The relay is done: the actor stops when it sees this (its waker is `actor_waker`).
     pub(super) relay_done: bool,
