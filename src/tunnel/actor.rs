@@ -108,7 +108,7 @@ impl Tunnel {
         self.timer = None;
         {
             let mut core = self.core.borrow_mut();
-            if core.aborting || core.close_deadline_armed {
+            if core.aborting || core.closing {
                 return;
             }
             let now = Instant::now();

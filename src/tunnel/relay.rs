@@ -111,9 +111,8 @@ pub struct Core {
     /// Heartbeat and idle clock: the relay flips its flags, the actor's timer reads them.
     pub(super) timers: Timers,
     /// The close handshake started (a Close went through, or the gateway is ending the
-    /// tunnel): the relay arms its close deadline, and the heartbeat stops.
-    arm_close_deadline: bool,
-    pub(super) close_deadline_armed: bool,
+    /// tunnel): the relay's close deadline runs, and the heartbeat stops.
+    pub(super) closing: bool,
     /// The relay task's waker, for the actor's handlers (pings, `End`).
     relay_waker: Option<Waker>,
     /// The relay is done: the actor stops when it sees this (its waker is `actor_waker`).
@@ -176,8 +175,7 @@ impl Core {
                 s.pong_timeout,
                 s.idle_timeout,
             ),
-            close_deadline_armed: false,
-            arm_close_deadline: false,
+            closing: false,
             relay_waker: None,
             relay_done: false,
             actor_waker: None,
@@ -244,7 +242,7 @@ impl Core {
                     self.close_sent[to as usize] = true;
                 }
                 if seen.close.is_some() {
-                    self.arm_close_deadline = true;
+                    self.closing = true;
                 }
                 direct.filter(|_| forward)
             }
@@ -523,7 +521,7 @@ impl Core {
         {
             self.eof[leg as usize] = true;
         }
-        self.arm_close_deadline = true;
+        self.closing = true;
         self.wake_relay();
     }
 
@@ -558,10 +556,12 @@ pub struct Relay {
     core: Rc<RefCell<Core>>,
     /// Armed when the close handshake starts: the tunnel ends at the latest then.
     close_deadline: Option<Pin<Box<Sleep>>>,
-    /// Armed while bytes wait toward a leg and `slow_consumer = "close"` is set: the leg
-    /// is failed if the backlog that started at that instant is still there.
-    slow_deadline: [Option<(Pin<Box<Sleep>>, Instant)>; 2],
+    slow_deadline: [Option<SlowDeadline>; 2],
 }
+
+/// Armed while bytes wait toward a leg and `slow_consumer = "close"` is set: the leg is
+/// failed if the backlog that started at that instant is still there.
+type SlowDeadline = (Pin<Box<Sleep>>, Instant);
 
 impl Relay {
     pub(super) fn new(core: Rc<RefCell<Core>>) -> Relay {
@@ -571,57 +571,63 @@ impl Relay {
             slow_deadline: [None, None],
         }
     }
+}
 
-    /// Arms, disarms and checks the slow-consumer deadlines; true if one failed a leg.
-    fn check_slow_legs(&mut self, core: &mut Core, cx: &mut TaskContext<'_>) -> bool {
-        let Some(timeout) = core.slow_consumer_timeout else {
-            return false;
-        };
-        let mut failed = false;
-        for leg in [Leg::Client, Leg::Backend] {
-            let i = leg as usize;
-            let slot = &mut self.slow_deadline[i];
-            match (core.backlog_since[i], &slot) {
-                (None, _) => *slot = None,
-                (Some(since), Some((_, armed))) if *armed == since => {}
-                (Some(since), _) => {
-                    *slot = Some((
-                        Box::pin(tokio::time::sleep_until((since + timeout).into())),
-                        since,
-                    ));
-                }
-            }
-            if let Some((deadline, _)) = slot
-                && deadline.as_mut().poll(cx).is_ready()
-            {
-                *slot = None;
-                core.end(Ending::Slow(leg));
-                failed = true;
+/// Arms, disarms and checks the slow-consumer deadlines; true if one failed a leg.
+fn check_slow_legs(
+    slow_deadline: &mut [Option<SlowDeadline>; 2],
+    core: &mut Core,
+    cx: &mut TaskContext<'_>,
+) -> bool {
+    let Some(timeout) = core.slow_consumer_timeout else {
+        return false;
+    };
+    let mut failed = false;
+    for leg in [Leg::Client, Leg::Backend] {
+        let i = leg as usize;
+        let slot = &mut slow_deadline[i];
+        match (core.backlog_since[i], &slot) {
+            (None, _) => *slot = None,
+            (Some(since), Some((_, armed))) if *armed == since => {}
+            (Some(since), _) => {
+                *slot = Some((
+                    Box::pin(tokio::time::sleep_until((since + timeout).into())),
+                    since,
+                ));
             }
         }
-        failed
+        if let Some((deadline, _)) = slot
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            *slot = None;
+            core.end(Ending::Slow(leg));
+            failed = true;
+        }
     }
+    failed
 }
 
 impl Future for Relay {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        let core = Rc::clone(&this.core);
+        let Relay {
+            core,
+            close_deadline,
+            slow_deadline,
+        } = self.get_mut();
         let mut core = core.borrow_mut();
         let mut done = core.poll_relay(cx).is_ready();
         if !done {
-            if std::mem::take(&mut core.arm_close_deadline) && !core.close_deadline_armed {
-                core.close_deadline_armed = true;
-                this.close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
+            if core.closing && close_deadline.is_none() {
+                *close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
             }
-            if let Some(deadline) = &mut this.close_deadline
+            if let Some(deadline) = close_deadline
                 && deadline.as_mut().poll(cx).is_ready()
             {
                 tracing::debug!(client = %core.client_addr, "close handshake timed out");
                 done = true;
-            } else if this.check_slow_legs(&mut core, cx) {
+            } else if check_slow_legs(slow_deadline, &mut core, cx) {
                 // The failed leg's close frame goes out on the next poll.
                 cx.waker().wake_by_ref();
             }
