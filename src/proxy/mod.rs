@@ -142,7 +142,9 @@ impl Matched {
 }
 
 /// The request's value of a hash key, as sent (nginx's `$http_NAME`, `$cookie_NAME`,
-/// `$arg_NAME`: not decoded); `None` for the client address or a value the request lacks.
+/// `$arg_NAME`: not decoded); `None` for the client address or a value the request lacks
+/// or sends empty (nginx does not hash an empty key either: every such client would land
+/// on one server).
 fn hash_value<'a>(key: &HashKey, head: &'a RequestHead) -> Option<&'a [u8]> {
     let pairs = |text: &'a [u8], separator: u8| {
         text.split(move |&b| b == separator).map(|pair| {
@@ -153,7 +155,7 @@ fn hash_value<'a>(key: &HashKey, head: &'a RequestHead) -> Option<&'a [u8]> {
             }
         })
     };
-    match key {
+    let value = match key {
         HashKey::RemoteAddr => None,
         HashKey::Header(name) => head.headers().get(name.as_str()).map(|v| v.as_bytes()),
         HashKey::Cookie(name) => head
@@ -165,7 +167,8 @@ fn hash_value<'a>(key: &HashKey, head: &'a RequestHead) -> Option<&'a [u8]> {
         HashKey::Query(name) => pairs(head.uri.query()?.as_bytes(), b'&')
             .find(|(n, _)| *n == name.as_bytes())
             .map(|(_, value)| value),
-    }
+    };
+    value.filter(|value| !value.is_empty())
 }
 
 /// The Host the client asked for, without port, from the Host header or the
@@ -306,7 +309,7 @@ mod tests {
         head.uri = "/chat?flag&room=a%20b&sid=".parse().unwrap();
         head.headers.append(
             header::COOKIE,
-            header::HeaderValue::from_static("theme=dark; session=s-1"),
+            header::HeaderValue::from_static("theme=dark; session=s-1; blank="),
         );
         head.headers
             .append(header::COOKIE, header::HeaderValue::from_static("other=2"));
@@ -328,12 +331,14 @@ mod tests {
         );
         assert_eq!(value(HashKey::Cookie("other".into())).as_deref(), Some("2"));
         assert_eq!(value(HashKey::Cookie("sess".into())), None);
+        assert_eq!(value(HashKey::Cookie("blank".into())), None);
         assert_eq!(
             value(HashKey::Query("room".into())).as_deref(),
             Some("a%20b")
         );
-        assert_eq!(value(HashKey::Query("flag".into())).as_deref(), Some(""));
-        assert_eq!(value(HashKey::Query("sid".into())).as_deref(), Some(""));
+        // Empty values hash like missing ones (on the client's address).
+        assert_eq!(value(HashKey::Query("flag".into())), None);
+        assert_eq!(value(HashKey::Query("sid".into())), None);
         assert_eq!(value(HashKey::Query("ro".into())), None);
         let mut bare = RequestHead::default();
         bare.uri = "/chat".parse().unwrap();
