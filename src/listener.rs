@@ -20,7 +20,7 @@ use crate::proxy::first_request::{self, FirstRequest, Replay};
 use crate::proxy::websocket::{self, UpgradeContext};
 use crate::proxy::{self, ListenerInfo, Shared, UpstreamClients};
 use crate::tls::{self, CertResolver};
-use crate::tunnel::Io;
+use crate::tunnel::{Io, Relay};
 
 /// Connections the kernel queues for a listener before the workers accept them (capped by
 /// `net.core.somaxconn`): a burst of clients reconnecting at once must not be refused.
@@ -316,22 +316,12 @@ impl Worker {
                         let service = Rc::clone(&service);
                         let upgrade = Rc::clone(&upgrade);
                         actix_rt::spawn(async move {
-                            let Ok((mut io, peer)) = front.accept(io, peer).await else {
-                                return;
-                            };
-                            let peer = Some(peer);
-                            match first_request::read(&mut io, peer, header_timeout).await {
-                                FirstRequest::Upgrade(request, early) => {
-                                    websocket::upgrade(request, io, early, &upgrade).await;
-                                }
-                                FirstRequest::Http(read) => {
-                                    // Boxed, like every rarer branch here: the task's
-                                    // future is as large as its largest branch, and it is
-                                    // moved into place on every connection.
-                                    let serving = service.call((Replay::new(read, io), peer));
-                                    let _ = Box::pin(serving).await;
-                                }
-                                FirstRequest::Done => {}
+                            // Boxed: the handshake's state is large and lives only until
+                            // the upgrade is answered; the task then runs the tunnel's
+                            // small relay for the tunnel's whole life.
+                            let handshake = serve_connection(io, peer, &front, &service, &upgrade, header_timeout);
+                            if let Some(relay) = Box::pin(handshake).await {
+                                relay.await;
                             }
                         });
                     }
@@ -343,6 +333,34 @@ impl Worker {
                 },
             }
         }
+    }
+}
+
+/// One accepted connection up to its tunnel: the PROXY header and TLS, the first request,
+/// then either the WebSocket upgrade (which returns the tunnel's relay, for the caller's
+/// task to run) or plain HTTP until the connection ends.
+async fn serve_connection(
+    io: TcpStream,
+    peer: SocketAddr,
+    front: &Front,
+    service: &impl Service<(Replay, Option<SocketAddr>)>,
+    upgrade: &UpgradeContext,
+    header_timeout: Duration,
+) -> Option<Relay> {
+    let (mut io, peer) = front.accept(io, peer).await.ok()?;
+    let peer = Some(peer);
+    match first_request::read(&mut io, peer, header_timeout).await {
+        FirstRequest::Upgrade(request, early) => {
+            websocket::upgrade(request, io, early, upgrade).await
+        }
+        FirstRequest::Http(read) => {
+            // Boxed, like every rarer branch here: the handshake's future is as large as
+            // its largest branch, and it is allocated for every connection.
+            let serving = service.call((Replay::new(read, io), peer));
+            let _ = Box::pin(serving).await;
+            None
+        }
+        FirstRequest::Done => None,
     }
 }
 

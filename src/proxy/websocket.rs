@@ -30,7 +30,7 @@ use crate::config::TunnelSettings;
 use crate::limits::Permits;
 use crate::metrics;
 use crate::pool::Server;
-use crate::tunnel::{ClientAddr, Io, LegIo, Tunnel, TunnelParams};
+use crate::tunnel::{ClientAddr, Io, LegIo, Relay, Tunnel, TunnelParams};
 
 /// A backend answer or a refusal has to reach the client within this time, or the client
 /// is not reading and is dropped.
@@ -69,13 +69,23 @@ pub async fn serve_upgrade<T: Io>(
     // Only the socket and the bytes already read from it are kept; the HTTP codec, its
     // buffers and the request are dropped before the tunnel's long life begins.
     let actix_codec::FramedParts { io, read_buf, .. } = framed.into_parts();
-    upgrade(req, Box::new(io), read_buf.freeze(), &ctx).await;
+    if let Some(relay) = upgrade(req, Box::new(io), read_buf.freeze(), &ctx).await {
+        // A task of its own: actix-http's connection future, which would hold this one,
+        // is large and would stay allocated for the tunnel's whole life.
+        actix_rt::spawn(relay);
+    }
     Ok(())
 }
 
 /// Answers a WebSocket upgrade on the client's raw connection (`early`: bytes that came
-/// after the request head), then starts the tunnel.
-pub async fn upgrade(req: Request, mut client: Box<dyn Io>, early: Bytes, ctx: &UpgradeContext) {
+/// after the request head), then starts the tunnel: returns its relay, for the caller to
+/// run (`None`: the upgrade was refused or the client left).
+pub async fn upgrade(
+    req: Request,
+    mut client: Box<dyn Io>,
+    early: Bytes,
+    ctx: &UpgradeContext,
+) -> Option<Relay> {
     let started = std::time::Instant::now();
     let outcome = match ctx.listener.redirect_https {
         Some(port) => Err(super::redirect(req.head(), port)),
@@ -90,18 +100,18 @@ pub async fn upgrade(req: Request, mut client: Box<dyn Io>, early: Bytes, ctx: &
                     .await;
             if !matches!(written, Ok(Ok(()))) {
                 metrics::handshake(&ctx.shared.metrics, "client_gone");
-                return;
+                return None;
             }
             metrics::handshake(&ctx.shared.metrics, "ok");
             ctx.shared
                 .metrics
                 .handshake_seconds
                 .observe(started.elapsed().as_secs_f64());
-            Tunnel::start(
+            Some(Tunnel::start(
                 LegIo { io: client, early },
                 accepted.backend,
                 accepted.params,
-            );
+            ))
         }
         Err(err) => {
             metrics::handshake(&ctx.shared.metrics, err.result_label());
@@ -111,6 +121,7 @@ pub async fn upgrade(req: Request, mut client: Box<dyn Io>, early: Bytes, ctx: &
                 client.shutdown().await
             })
             .await;
+            None
         }
     }
 }

@@ -74,12 +74,12 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Spawns the tunnel's actor and its relay on the current worker, which owns them from
-    /// then on: the HTTP connection that carried the upgrade is done (limits and shutdown
-    /// go through the tunnel's permits and the registry). The relay is a task of its own,
-    /// not part of the connection's: that task's future is sized for every HTTP path and
-    /// would stay allocated for the tunnel's whole life.
-    pub fn start(client: LegIo, backend: LegIo, params: TunnelParams) {
+    /// Spawns the tunnel's actor on the current worker, which owns the tunnel from then
+    /// on, and returns the tunnel's relay for the caller to run on this worker: the
+    /// connection's task runs it once the handshake's state is freed (a task less per
+    /// tunnel), an upgrade served by actix-http spawns it.
+    #[must_use = "the relay moves the tunnel's bytes: run it on this worker"]
+    pub fn start(client: LegIo, backend: LegIo, params: TunnelParams) -> Relay {
         let registry = Arc::clone(&params.registry);
         let upstream = Arc::clone(&params.upstream);
         let core = Rc::new(RefCell::new(Core::new(client, backend, params)));
@@ -91,7 +91,7 @@ impl Tunnel {
             timer: None,
         }
         .start();
-        actix_rt::spawn(Relay::new(core));
+        Relay::new(core)
     }
 
     fn arm_timer(&mut self, ctx: &mut Context<Self>) {

@@ -1,7 +1,8 @@
-//! The relay: a tunnel's hot path, one task per tunnel. It reads whichever leg has bytes,
-//! passes them through [`Direction::process`] and writes the result to the other leg: one
-//! read and one write per batch of frames, no mailbox hop, no per-frame allocation, no lock. Bytes a slow leg cannot take yet wait
-//! in that leg's `pending` buffer, and while they wait the other leg is not read, so TCP
+//! The relay: a tunnel's hot path, a future run by the task that accepted the connection.
+//! It reads whichever leg has bytes, passes them through [`Direction::process`] and writes
+//! the result to the other leg: one read and one write per batch of frames, no mailbox hop,
+//! no per-frame allocation, no lock. Bytes a slow leg cannot take yet wait in that leg's
+//! `pending` buffer, and while they wait the other leg is not read, so TCP
 //! back-pressure reaches the sender.
 //!
 //! The relay state ([`Core`]) is shared with the tunnel's actor ([`super::actor`]), which
