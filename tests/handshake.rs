@@ -278,6 +278,48 @@ async fn an_upgrade_after_a_plain_request_on_the_same_connection_is_tunnelled() 
     assert_eq!(backend.handshakes(), 1);
 }
 
+/// The first request head is complete at its blank line, whenever that arrives: a head
+/// sent in pieces is tunnelled, and a broken head is refused at once even before its blank
+/// line (not left to the header timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_in_pieces_is_tunnelled_and_a_broken_unfinished_head_is_400_at_once() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let mut stream = tokio::net::TcpStream::connect(addr(&gw)).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let head = "GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    // Cut inside a header, right before the final CRLF, and between the two CRLFs.
+    let cuts = [0, 20, head.len() - 4, head.len() - 2, head.len()];
+    for piece in cuts.windows(2) {
+        stream
+            .write_all(&head.as_bytes()[piece[0]..piece[1]])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let answer = read_response(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    let mut ws =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+    ws.send(Message::text("in pieces")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("in pieces"));
+
+    let mut broken = tokio::net::TcpStream::connect(addr(&gw)).await.unwrap();
+    broken
+        .write_all(b"GET /chat HTTP/1.1\r\nHost ws.test\r\n")
+        .await
+        .unwrap();
+    // 400, not the 408 of the header timeout (which is longer than this bound).
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_response(&mut broken))
+        .await
+        .expect("a broken head is answered without waiting for its end");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(backend.handshakes(), 1);
+}
+
 /// A backend that reads one request head and answers it with `answer` (then closes).
 async fn raw_backend(answer: Vec<u8>) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -49,6 +49,11 @@ pub async fn read(
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }
+            // The blank line that ends a head: `classify` parses it (once). Only a head
+            // without one yet is parsed here, to tell a partial head from a broken one.
+            if memchr::memmem::find(&buf, b"\r\n\r\n").is_some() {
+                return Some(true);
+            }
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
             match httparse::Request::new(&mut slots).parse(&buf) {
                 Ok(httparse::Status::Complete(_)) | Err(_) => return Some(true),
