@@ -29,6 +29,25 @@ WSGATE="$REPO/target/release/wsgate"
 
 export CONTENDERS="${CONTENDERS:-nginx,haproxy}"
 export WSGATE_PORT="${WSGATE_PORT:-8090}"
+
+# Every handshake leaves two connections in netfilter's conntrack table for its TIME_WAIT
+# timeout (120 s by default). Once the table is full the kernel drops new SYNs, connects
+# wait for retransmits, and the handshake figures measure that instead of the proxies.
+ct=/proc/sys/net/netfilter
+if [[ -r $ct/nf_conntrack_max && -r $ct/nf_conntrack_count ]] &&
+  (( $(cat $ct/nf_conntrack_tcp_timeout_time_wait 2>/dev/null || echo 120) > 10 )); then
+  IFS=, read -ra built_in <<<"$CONTENDERS"
+  proxies=$(( ${#built_in[@]} + 1 + $# ))
+  # at ~10,000 handshakes/s, two tracked connections each
+  need=$(( proxies * ${HS_ROUNDS:-2} * ${HS_SECS:-4} * 10000 * 2 ))
+  free=$(( $(cat $ct/nf_conntrack_max) - $(cat $ct/nf_conntrack_count) ))
+  if (( need > free )); then
+    echo "bench: warning: the handshake runs may need ~$need conntrack entries, $free are free;" \
+      "if dmesg then says 'nf_conntrack: table full', the handshake figures are void. Wait for" \
+      "the table to drain, lower HS_SECS, or on a machine of your own:" \
+      "sysctl -w net.netfilter.nf_conntrack_max=1048576 net.netfilter.nf_conntrack_tcp_timeout_time_wait=5" >&2
+  fi
+fi
 # Extra contenders given on the command line (NAME=COMMAND,PORT) run in the same rounds,
 # e.g. an earlier wsgate build for a before/after comparison beside nginx.
 exec "$HERE/harness/run.sh" \

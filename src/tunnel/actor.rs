@@ -3,9 +3,10 @@
 //! It is listed in the [`Registry`] (so shutdown and draining reach it with [`End`]),
 //! pings both legs on its heartbeat timer, fails a leg that stops answering or a tunnel
 //! that stays idle, and stops once the relay is done, writing the access log line. The
-//! bytes themselves go through the [`Relay`], a task of its own that shares the
-//! tunnel's state ([`Core`]) with the actor: the relay's wake-ups do not go through the
-//! actor's mailbox and timers, and the actor's handlers change the state and wake it.
+//! bytes themselves go through the [`Relay`], a future run by the connection's task
+//! (not the actor's) that shares the tunnel's state ([`Core`]) with the actor: the relay's
+//! wake-ups do not go through the actor's mailbox and timers, and the actor's handlers
+//! change the state and wake it.
 
 use std::cell::RefCell;
 use std::pin::Pin;
