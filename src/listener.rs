@@ -312,15 +312,21 @@ impl Worker {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((io, peer)) => {
-                        let front = Arc::clone(&self.front);
-                        let service = Rc::clone(&service);
-                        let upgrade = Rc::clone(&upgrade);
+                        // Boxed: the handshake's state (and its handles on this worker's
+                        // services) lives only until the upgrade is answered; the task
+                        // then holds nothing but the tunnel's small relay, for the
+                        // tunnel's whole life.
+                        let handshake = Box::pin(serve_connection(
+                            io,
+                            peer,
+                            Arc::clone(&self.front),
+                            Rc::clone(&service),
+                            Rc::clone(&upgrade),
+                            header_timeout,
+                        ));
                         actix_rt::spawn(async move {
-                            // Boxed: the handshake's state is large and lives only until
-                            // the upgrade is answered; the task then runs the tunnel's
-                            // small relay for the tunnel's whole life.
-                            let handshake = serve_connection(io, peer, &front, &service, &upgrade, header_timeout);
-                            if let Some(relay) = Box::pin(handshake).await {
+                            let relay = handshake.await;
+                            if let Some(relay) = relay {
                                 relay.await;
                             }
                         });
@@ -342,16 +348,16 @@ impl Worker {
 async fn serve_connection(
     io: TcpStream,
     peer: SocketAddr,
-    front: &Front,
-    service: &impl Service<(Replay, Option<SocketAddr>)>,
-    upgrade: &UpgradeContext,
+    front: Arc<Front>,
+    service: Rc<impl Service<(Replay, Option<SocketAddr>)>>,
+    upgrade: Rc<UpgradeContext>,
     header_timeout: Duration,
 ) -> Option<Relay> {
     let (mut io, peer) = front.accept(io, peer).await.ok()?;
     let peer = Some(peer);
     match first_request::read(&mut io, peer, header_timeout).await {
         FirstRequest::Upgrade(request, early) => {
-            websocket::upgrade(request, io, early, upgrade).await
+            websocket::upgrade(request, io, early, &upgrade).await
         }
         FirstRequest::Http(read) => {
             // Boxed, like every rarer branch here: the handshake's future is as large as
