@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use actix::{
     Actor, ActorContext, ActorFuture, AsyncContext, Context, Handler, Message as ActixMessage,
-    SpawnHandle,
 };
 use prometheus_client::metrics::counter::Counter;
+use tokio::time::Sleep;
 
 use super::ending::{Ending, HEARTBEAT_PAYLOAD};
 use super::heartbeat::TimerEvent;
@@ -71,7 +71,6 @@ pub struct Tunnel {
     /// The upstream the server was picked from (draining is per upstream).
     upstream: Arc<str>,
     entry: Option<RegistryEntry>,
-    timer: Option<SpawnHandle>,
 }
 
 impl Tunnel {
@@ -89,50 +88,36 @@ impl Tunnel {
             registry,
             upstream,
             entry: None,
-            timer: None,
         }
         .start();
         Relay::new(core)
     }
+}
 
-    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
-        let delay = self
-            .core
-            .borrow()
-            .timers
-            .next_wake()
-            .saturating_duration_since(Instant::now());
-        self.timer = Some(ctx.run_later(delay, |act, ctx| act.on_timer(ctx)));
-    }
-
-    fn on_timer(&mut self, ctx: &mut Context<Self>) {
-        self.timer = None;
-        {
-            let mut core = self.core.borrow_mut();
-            if core.aborting || core.closing {
-                return;
+/// What the heartbeat does when it is due: pings both legs, or ends the tunnel when a leg
+/// did not answer the last ping or the tunnel has been idle too long.
+fn beat(core: &mut Core) {
+    let now = Instant::now();
+    while let Some(event) = core.timers.on_wake(now) {
+        match event {
+            TimerEvent::Ping => {
+                core.inject_frame(Leg::Client, OP_PING, HEARTBEAT_PAYLOAD);
+                core.inject_frame(Leg::Backend, OP_PING, HEARTBEAT_PAYLOAD);
+                core.wake_relay();
             }
-            let now = Instant::now();
-            while let Some(event) = core.timers.on_wake(now) {
-                match event {
-                    TimerEvent::Ping => {
-                        core.inject_frame(Leg::Client, OP_PING, HEARTBEAT_PAYLOAD);
-                        core.inject_frame(Leg::Backend, OP_PING, HEARTBEAT_PAYLOAD);
-                        core.wake_relay();
-                    }
-                    TimerEvent::Dead(leg) => return core.end(Ending::Silent(leg)),
-                    TimerEvent::Idle => return core.end(Ending::Idle),
-                }
-            }
+            TimerEvent::Dead(leg) => return core.end(Ending::Silent(leg)),
+            TimerEvent::Idle => return core.end(Ending::Idle),
         }
-        self.arm_timer(ctx);
     }
 }
 
-/// Stops the actor once the relay is done.
-struct RelayDone;
+/// The actor's own work, one future polled by its context: the heartbeat on one timer,
+/// re-armed in place, and stopping the actor once the relay is done.
+struct Lifecycle {
+    heartbeat: Pin<Box<Sleep>>,
+}
 
-impl ActorFuture<Tunnel> for RelayDone {
+impl ActorFuture<Tunnel> for Lifecycle {
     type Output = ();
 
     fn poll(
@@ -141,10 +126,22 @@ impl ActorFuture<Tunnel> for RelayDone {
         ctx: &mut Context<Tunnel>,
         task: &mut TaskContext<'_>,
     ) -> Poll<()> {
+        let heartbeat = &mut self.get_mut().heartbeat;
         let mut core = act.core.borrow_mut();
         if core.relay_done {
             ctx.stop();
             return Poll::Ready(());
+        }
+        // No pings into a close handshake: the heartbeat stops once the tunnel is closing.
+        if !core.aborting && !core.closing && heartbeat.as_mut().poll(task).is_ready() {
+            beat(&mut core);
+            if !core.aborting {
+                heartbeat.as_mut().reset(core.timers.next_wake().into());
+                // Registers the timer; a deadline already past is taken on the next poll.
+                if heartbeat.as_mut().poll(task).is_ready() {
+                    task.waker().wake_by_ref();
+                }
+            }
         }
         if !core
             .actor_waker
@@ -167,8 +164,10 @@ impl Actor for Tunnel {
             server,
             ctx.address().recipient(),
         ));
-        self.arm_timer(ctx);
-        ctx.spawn(RelayDone);
+        let first_beat = self.core.borrow().timers.next_wake();
+        ctx.spawn(Lifecycle {
+            heartbeat: Box::pin(tokio::time::sleep_until(first_beat.into())),
+        });
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
