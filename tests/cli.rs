@@ -115,12 +115,14 @@ async fn sigterm_sends_500_clients_1001_spread_over_shutdown_spread_then_exits_0
             backend.addr
         ),
     );
-    let mut child = Command::new(BIN)
-        .args(["run", "-c"])
-        .arg(&path)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Process::new(
+        Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_listening(port);
     let mut clients = Vec::new();
     for _ in 0..500 {
@@ -198,17 +200,19 @@ fn run_with_fd_limit(
     limit: usize,
     log: &std::path::Path,
     port: u16,
-) -> std::process::Child {
+) -> Process {
     // bash lowers the open-file limit, then becomes the gateway (same pid).
-    let child = Command::new("bash")
-        .arg("-c")
-        .arg(format!("ulimit -n {limit} && exec \"$0\" run -c \"$1\""))
-        .arg(BIN)
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
+    let child = Process::new(
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("ulimit -n {limit} && exec \"$0\" run -c \"$1\""))
+            .arg(BIN)
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     wait_listening(port);
     child
 }

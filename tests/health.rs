@@ -268,12 +268,14 @@ async fn a_backend_process_killed_with_sigkill_during_traffic_gets_clients_a_101
         .local_addr()
         .unwrap()
         .port();
-    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut demo = Process::new(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // Read its output on a thread that keeps the pipe open (a closed pipe would make the
     // demo's next print fail).
     let stdout = demo.stdout.take().unwrap();

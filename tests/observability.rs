@@ -178,12 +178,14 @@ async fn a_tunnel_writes_one_json_access_log_line() {
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["--log-format", "json", "run", "-c"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Process::new(
+        Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["--log-format", "json", "run", "-c"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + STEP;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline);
@@ -212,6 +214,7 @@ async fn a_tunnel_writes_one_json_access_log_line() {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
+    let child = child.into_inner();
     let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();

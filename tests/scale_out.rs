@@ -6,19 +6,10 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn wait_listening(port: u16) {
     let deadline = Instant::now() + STEP;
@@ -54,7 +45,7 @@ fn replica(
         .spawn()
         .unwrap();
     wait_listening(port);
-    Process(child)
+    Process::new(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +78,7 @@ async fn haproxy_with_send_proxy_v2_in_front_of_two_replicas() {
         ),
     )
     .unwrap();
-    let _haproxy = Process(
+    let _haproxy = Process::new(
         Command::new("haproxy")
             .args(["-f"])
             .arg(&cfg)
@@ -131,13 +122,13 @@ async fn haproxy_with_send_proxy_v2_in_front_of_two_replicas() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed = Command::new("kill")
-        .args(["-TERM", &r1.0.id().to_string()])
+        .args(["-TERM", &r1.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
     let deadline = Instant::now() + STEP;
     let exit = loop {
-        if let Some(exit) = r1.0.try_wait().unwrap() {
+        if let Some(exit) = r1.try_wait().unwrap() {
             break exit;
         }
         assert!(Instant::now() < deadline, "replica 1 did not exit");

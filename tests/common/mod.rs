@@ -19,6 +19,49 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use wsgate::GatewayThread;
 
+/// A child process, killed and reaped when dropped: a test that fails half-way leaves no
+/// process behind. Derefs to the [`std::process::Child`].
+pub struct Process(Option<std::process::Child>);
+
+impl Process {
+    pub fn new(child: std::process::Child) -> Process {
+        Process(Some(child))
+    }
+
+    /// The child, no longer killed on drop (for `wait_with_output`, which consumes it).
+    pub fn into_inner(mut self) -> std::process::Child {
+        self.0
+            .take()
+            .expect("a Process holds its child until dropped")
+    }
+}
+
+impl std::ops::Deref for Process {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        self.0
+            .as_ref()
+            .expect("a Process holds its child until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        self.0
+            .as_mut()
+            .expect("a Process holds its child until dropped")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Every test step that waits on the network waits at most this long.
 pub const STEP: Duration = Duration::from_secs(10);
 
