@@ -132,10 +132,11 @@ impl ActorFuture<Tunnel> for Lifecycle {
             ctx.stop();
             return Poll::Ready(());
         }
-        // No pings into a close handshake: the heartbeat stops once the tunnel is closing.
-        if !core.aborting && !core.closing && heartbeat.as_mut().poll(task).is_ready() {
+        // No pings into a close handshake: the heartbeat stops once the tunnel is closing
+        // (which includes the gateway ending it, on a beat too).
+        if !core.closing && heartbeat.as_mut().poll(task).is_ready() {
             beat(&mut core);
-            if !core.aborting {
+            if !core.closing {
                 heartbeat.as_mut().reset(core.timers.next_wake().into());
                 // Registers the timer; a deadline already past is taken on the next poll.
                 if heartbeat.as_mut().poll(task).is_ready() {

@@ -106,7 +106,7 @@ pub struct Core {
     /// The gateway ended the client's TCP (shutdown) while waiting for the backend's end.
     client_tcp_ended: bool,
     /// The gateway is ending the tunnel: data is no longer relayed.
-    pub(super) aborting: bool,
+    aborting: bool,
     limits: Limits,
     read_chunk: usize,
     /// Heartbeat and idle clock: the relay flips its flags, the actor's timer reads them.
@@ -114,7 +114,7 @@ pub struct Core {
     /// The close handshake started (a Close went through, or the gateway is ending the
     /// tunnel): the relay's close deadline runs, and the heartbeat stops.
     pub(super) closing: bool,
-    /// The relay task's waker, for the actor's handlers (pings, `End`).
+    /// The waker of the task running the relay, for the actor's handlers (pings, `End`).
     relay_waker: Option<Waker>,
     /// The relay is done: the actor stops when it sees this (its waker is `actor_waker`).
     pub(super) relay_done: bool,
