@@ -270,27 +270,45 @@ impl Direction {
     /// which also finds the error if there is one.
     #[inline]
     fn whole_messages(&self, data: &[u8], limits: &Limits) -> (usize, u32) {
-        let rsv1_allowed = if self.compressed { RSV1 } else { 0 };
-        let (mask_bit, mask_len) = if self.from == Leg::Client {
-            (MASKED, 4)
+        // The first two header bytes as one little-endian u16 (first byte low): FIN set,
+        // RSV1 (unless permessage-deflate was agreed), RSV2, RSV3 and the opcode's two high
+        // bits clear, and the MASK bit as this leg must send it, all in one comparison.
+        let rsv1_allowed = if self.compressed { u16::from(RSV1) } else { 0 };
+        let checked_bits = 0x80FC & !rsv1_allowed;
+        let (expected_bits, header_len) = if self.from == Leg::Client {
+            (u16::from(FIN) | u16::from(MASKED) << 8, 2 + 4)
         } else {
-            (0, 0)
+            (u16::from(FIN), 2)
         };
-        const TEXT: u8 = FIN | OP_TEXT;
-        const BINARY: u8 = FIN | OP_BINARY;
         let max_payload = limits.max_frame_size.min(limits.max_message_size);
+        // A 7-bit length up to this is within the limits (larger ones take the 16-bit arm).
+        let max_short = max_payload.min(125) as usize;
         let (mut i, mut count) = (0, 0);
         while let [b0, b1, rest @ ..] = &data[i..] {
-            if !matches!(b0 & !rsv1_allowed, TEXT | BINARY) || b1 & MASKED != mask_bit {
+            // Of the opcodes with the two high bits clear, only text (1) and binary (2)
+            // have bit 1 set after adding one (continuation 0 → 1, reserved 3 → 4).
+            const {
+                assert!((OP_TEXT + 1) & 2 != 0 && (OP_BINARY + 1) & 2 != 0);
+                assert!((OP_CONTINUATION + 1) & 2 == 0);
+            }
+            if u16::from_le_bytes([*b0, *b1]) & checked_bits != expected_bits
+                || b0.wrapping_add(1) & 2 == 0
+            {
                 break;
             }
-            let (payload, header) = match (b1 & 0x7f, rest) {
-                (len @ 0..=125, _) => (u64::from(len), 2),
-                (126, [hi, lo, ..]) => (u64::from(u16::from_be_bytes([*hi, *lo])), 4),
-                _ => break,
+            let short = usize::from(b1 & 0x7f);
+            let whole = if short <= max_short {
+                header_len + short
+            } else if let (126, [hi, lo, ..]) = (short, rest) {
+                let payload = u16::from_be_bytes([*hi, *lo]);
+                if u64::from(payload) > max_payload {
+                    break;
+                }
+                header_len + 2 + usize::from(payload)
+            } else {
+                break;
             };
-            let whole = header + mask_len + payload as usize;
-            if payload > max_payload || data.len() - i < whole {
+            if data.len() - i < whole {
                 break;
             }
             i += whole;
@@ -450,6 +468,64 @@ mod tests {
             let (out, r) = run(&mut Direction::new(from, compressed), &big);
             assert_eq!(r, Err(Ending::TooBig(from)), "over max_frame_size");
             assert_eq!(out, big[..good_len]);
+        }
+    }
+
+    #[test]
+    fn the_one_step_check_accepts_exactly_the_frames_the_header_walk_would_pass_whole() {
+        let small = Limits {
+            max_frame_size: 100,
+            max_message_size: 1000,
+        };
+        for (from, compressed, limits) in [
+            (Leg::Client, false, LIMITS),
+            (Leg::Backend, false, LIMITS),
+            (Leg::Client, true, LIMITS),
+            (Leg::Backend, true, small),
+        ] {
+            let max_payload = limits.max_frame_size.min(limits.max_message_size);
+            for b0 in 0..=u8::MAX {
+                for b1 in 0..=u8::MAX {
+                    // A complete frame with this start: extended length, key, payload.
+                    let mut bytes = vec![b0, b1];
+                    let payload_len = match b1 & 0x7f {
+                        126 => {
+                            bytes.extend(200u16.to_be_bytes());
+                            200
+                        }
+                        127 => {
+                            bytes.extend(200u64.to_be_bytes());
+                            200
+                        }
+                        n => usize::from(n),
+                    };
+                    if b1 & MASKED != 0 {
+                        bytes.extend(KEY);
+                    }
+                    let header_len = bytes.len();
+                    bytes.resize(header_len + payload_len, 0x5a);
+                    let passes_whole = matches!(wire::parse(&bytes), Ok(Some(h))
+                        if h.fin
+                            && matches!(h.opcode, OP_TEXT | OP_BINARY)
+                            && h.mask.is_some() == (from == Leg::Client)
+                            && (!h.rsv1 || compressed)
+                            && h.payload_len <= max_payload);
+                    let dir = Direction::new(from, compressed);
+                    let (end, count) = dir.whole_messages(&bytes, &limits);
+                    let case = format!("{from:?} deflate {compressed} {b0:#04x} {b1:#04x}");
+                    if count > 0 {
+                        assert!(passes_whole, "accepted a frame it must not: {case}");
+                        assert_eq!((end, count), (bytes.len(), 1), "{case}");
+                    } else {
+                        // Only 64-bit lengths are left to the header walk when valid.
+                        assert!(!passes_whole || b1 & 0x7f == 127, "missed {case}");
+                    }
+                    // Cut short (in the header, or by the payload's last byte), it is not taken.
+                    for cut in [0, 1, header_len - 1, bytes.len() - 1] {
+                        assert_eq!(dir.whole_messages(&bytes[..cut], &limits).1, 0, "{case}");
+                    }
+                }
+            }
         }
     }
 
