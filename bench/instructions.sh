@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Counts the user-space instructions a proxy spends per relayed 64 B message and per
+# handshake cycle, for wsgate and nginx side by side, under valgrind's callgrind.
+#
+# Why: on a shared 2-core VM the end-to-end CPU figures of run.sh move 5-20 % between
+# runs, so a change worth 1-5 % cannot be seen there. Instruction counts are repeatable
+# (the same binary and load give the same count to ~1 %), and the kernel side (the
+# syscalls, the TCP segments) is the same for every proxy on this load, so user-space
+# instructions are where proxies differ. Counts come from the slowed-down proxy, whose
+# reads each carry more messages than at full speed (the "msgs/read" column); compare
+# contenders at similar msgs/read, and a build with its predecessor.
+#
+#   bench/instructions.sh                          # wsgate (target/release) and nginx
+#   bench/instructions.sh wsgate-old=/path/to/wsgate   # one more wsgate build
+#   CONTENDERS=wsgate bench/instructions.sh        # wsgate only
+#
+# Needs valgrind and nginx (apt-get install valgrind nginx). Ports 8097-8099, 9011-9012.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+BIN_DIR="$HERE/harness/wsload/target/release"
+WSLOAD="$BIN_DIR/wsload"
+CONTENDERS="${CONTENDERS:-wsgate,nginx}"
+RUN_DIR="${RUN_DIR:-/tmp/wsinstr.$(date +%Y%m%d-%H%M%S).$$}"
+TP_SECS="${TP_SECS:-8}"
+HS_SECS="${HS_SECS:-6}"
+PROXY_CPU="${PROXY_CPU:-1}"
+LOADGEN_CPU="${LOADGEN_CPU:-0}"
+BACKENDS="127.0.0.1:9011,127.0.0.1:9012"
+
+die() { echo "instructions.sh: $*" >&2; exit 1; }
+command -v valgrind >/dev/null || die "valgrind is missing (apt-get install valgrind)"
+mkdir -p "$RUN_DIR"
+cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2
+cargo build --release --manifest-path "$HERE/harness/wsload/Cargo.toml" >&2
+
+declare -A BIN=([wsgate]="$ROOT/target/release/wsgate")
+NAMES=()
+for name in ${CONTENDERS//,/ }; do NAMES+=("$name"); done
+for arg in "$@"; do
+  [[ "$arg" == *=* ]] || die "extra contender must be NAME=WSGATE_BINARY: $arg"
+  BIN[${arg%%=*}]=${arg#*=}
+  NAMES+=("${arg%%=*}")
+done
+
+PIDS=()
+cleanup() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+taskset -c "$LOADGEN_CPU" "$BIN_DIR/echo-backend" --ports 9011,9012 --threads 1 >"$RUN_DIR/backend.log" 2>&1 &
+PIDS+=($!)
+"$WSLOAD" probe --url "ws://127.0.0.1:9011/" --timeout 15 >/dev/null || die "echo-backend did not start"
+
+load() { taskset -c "$LOADGEN_CPU" "$WSLOAD" "$@" 2>/dev/null; }
+num() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
+
+# Starts NAME under callgrind on PORT, runs KIND (tp|hs) after a warm-up with the counters
+# zeroed, dumps them, and prints "instructions units reads".
+measure() {
+  local name=$1 kind=$2 port=$3 dir="$RUN_DIR/$1-$2" vg
+  mkdir -p "$dir"
+  local -a cmd
+  if [[ "$name" == nginx ]]; then
+    sed -e 's/^master_process on;/master_process off;/' -e "s#@RUNDIR@#$dir#g" -e 's#@NOFILE@#4096#g' \
+      -e 's#@PROXY_BUFFER@#4k#' -e 's#@PROXY_BUFFER_EXTRA@##' -e "s#@LISTEN@#127.0.0.1:$port#" \
+      -e "s#@UPSTREAM_SERVERS@#        server ${BACKENDS%%,*};\n        server ${BACKENDS##*,};#" \
+      "$HERE/harness/conf/nginx.conf.in" >"$dir/nginx.conf"
+    cmd=(nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log")
+  else
+    cmd=(bash "$HERE/wsgate-contender.sh" "${BIN[$name]}" "$port" "$BACKENDS" "$dir")
+  fi
+  taskset -c "$PROXY_CPU" valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$dir/cg.%p" \
+    "${cmd[@]}" >"$dir/valgrind.log" 2>&1 &
+  vg=$!
+  PIDS+=("$vg")
+  "$WSLOAD" probe --url "ws://127.0.0.1:$port/" --timeout 60 >/dev/null || die "$name did not start (see $dir)"
+  # taskset, valgrind, the contender script and the proxy exec one another: one PID.
+  local target=$vg units json
+  if [[ $kind == tp ]]; then
+    load echo-throughput --url "ws://127.0.0.1:$port/" --conns 64 --inflight 32 --size 64 --duration 2 --warmup 0 >/dev/null
+    callgrind_control -z "$target" >/dev/null 2>&1
+    json=$(load echo-throughput --url "ws://127.0.0.1:$port/" --conns 64 --inflight 32 --size 64 --duration "$TP_SECS" --warmup 0)
+    # Every echoed message crossed the proxy twice.
+    units=$(( 2 * $(num msgs <<<"$json") ))
+  else
+    load handshakes --url "ws://127.0.0.1:$port/" --conns 4 --duration 2 >/dev/null
+    callgrind_control -z "$target" >/dev/null 2>&1
+    json=$(load handshakes --url "ws://127.0.0.1:$port/" --conns 4 --duration "$HS_SECS")
+    units=$(num completed <<<"$json")
+  fi
+  callgrind_control -d "$target" >/dev/null 2>&1
+  kill "$vg" 2>/dev/null || true
+  wait "$vg" 2>/dev/null || true
+  local dump="$dir/cg.$vg.1"
+  [[ -s "$dump" ]] || die "no callgrind dump for $name in $dir"
+  python3 - "$dump" "$units" <<'PY'
+import re, sys
+path, units = sys.argv[1], int(sys.argv[2])
+total = reads = 0
+names, callee = {}, None
+for line in open(path):
+    if line.startswith("summary:") or line.startswith("totals:"):
+        total = int(line.split()[1])
+    elif line.startswith("cfn="):
+        m = re.match(r"cfn=\((\d+)\)(?: (.*))?", line.strip())
+        if m.group(2):
+            names[m.group(1)] = m.group(2)
+        callee = names.get(m.group(1))
+    elif line.startswith("fn="):
+        m = re.match(r"fn=\((\d+)\)(?: (.*))?", line.strip())
+        if m and m.group(2):
+            names[m.group(1)] = m.group(2)
+    elif line.startswith("calls=") and callee == "recv":
+        reads += int(line[6:].split()[0])
+print(total, units, reads)
+PY
+}
+
+printf '%-12s %14s %12s %12s %16s %10s\n' proxy "instr/message" "msgs/read" "instr/read" "instr/handshake" "handshakes"
+port=8097
+for name in "${NAMES[@]}"; do
+  read -r tp_instr msgs reads < <(measure "$name" tp "$port")
+  read -r hs_instr hs _ < <(measure "$name" hs "$port")
+  awk -v n="$name" -v ti="$tp_instr" -v m="$msgs" -v r="$reads" -v hi="$hs_instr" -v h="$hs" 'BEGIN {
+    printf "%-12s %14.1f %12.1f %12.0f %16.0f %10d\n", n, ti / m, (r ? m / r : 0), (r ? ti / r : 0), hi / h, h }'
+  port=$((port + 1))
+done
+echo "(run dir: $RUN_DIR)" >&2
