@@ -52,6 +52,55 @@ async fn many_messages_keep_their_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_then_reads_again_gets_every_message_in_order() {
+    // More than every socket buffer on the way and back holds (~40 MiB on loopback), so
+    // back-pressure stops each leg in turn: the client's unread echoes stop the gateway
+    // writing to it, then reading the backend, whose blocked echoes stop it reading, so the
+    // gateway's writes to it stop, then its reads of the client, then the client's writes.
+    // Reading again must wake each of them back in that order: a leg whose socket became
+    // writable again restarts the other leg's reads.
+    const COUNT: usize = 1024;
+    const SIZE: usize = 64 * 1024;
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    // No heartbeat within the test: a ping wakes both legs and would hide a stall.
+    let gw = gateway(
+        &simple_config(1, "max_buffer = \"16KiB\"\nping_interval = \"5m\""),
+        &[backend.addr],
+    );
+    let ws = connect(&format!("ws://{}/", addr(&gw))).await;
+    let (mut tx, mut rx) = ws.split();
+    let message = |i: usize| {
+        let mut payload = vec![(i % 251) as u8; SIZE];
+        payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        Message::binary(payload)
+    };
+    let writer = tokio::spawn(async move {
+        for i in 0..COUNT {
+            tx.send(message(i)).await.unwrap();
+        }
+        tx
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !writer.is_finished(),
+        "the client could write all {COUNT} messages without reading: nothing held it back"
+    );
+    let read_all = async {
+        for i in 0..COUNT {
+            match rx.next().await {
+                Some(Ok(got)) => assert!(got == message(i), "message {i} differs"),
+                other => panic!("message {i}: {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read_all)
+        .await
+        .expect("the tunnel stalled after the client read again");
+    let mut tx = writer.await.unwrap();
+    tx.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_code_and_reason_pass_from_client_to_backend_and_back() {
     let backend = WsBackend::start("b1", Behavior::Echo).await;
     let gw = gateway(&simple_config(1, ""), &[backend.addr]);

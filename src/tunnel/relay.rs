@@ -8,18 +8,19 @@
 //! The relay state ([`Core`]) is shared with the tunnel's actor ([`super::actor`]), which
 //! owns the lifecycle: its heartbeat timer and `End` messages change the state and wake
 //! the relay, and it stops once the relay is done. A wake-up of the relay polls only the
-//! relay, not the actor's mailbox and timers.
+//! relay, not the actor's mailbox and timers, and turns only the legs whose readiness can
+//! have changed: each leg's IO registers a waker of its own ([`LegWakers`]).
 
 use std::cell::RefCell;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll, Waker};
+use std::task::{Context as TaskContext, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -81,6 +82,62 @@ enum Turn {
     Unfinished,
 }
 
+/// Wakes the relay's task for one leg's IO, noting first that this leg woke it.
+struct LegWaker {
+    woke: AtomicBool,
+    task: Waker,
+}
+
+impl Wake for LegWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woke.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
+/// The wakers each leg's IO is polled with. A wake-up then knows which legs' readiness
+/// changed, and the relay does not poll the socket of a leg that did not wake (one
+/// readiness check, a mutex in tokio, per wake-up for nothing).
+pub(super) struct LegWakers {
+    legs: [Arc<LegWaker>; 2],
+    wakers: [Waker; 2],
+}
+
+impl LegWakers {
+    fn new(task: &Waker) -> LegWakers {
+        let leg = || {
+            Arc::new(LegWaker {
+                woke: AtomicBool::new(false),
+                task: task.clone(),
+            })
+        };
+        let legs = [leg(), leg()];
+        let wakers = [Waker::from(legs[0].clone()), Waker::from(legs[1].clone())];
+        LegWakers { legs, wakers }
+    }
+
+    /// The context a leg's IO is polled in.
+    fn cx(&self, leg: Leg) -> TaskContext<'_> {
+        TaskContext::from_waker(&self.wakers[leg as usize])
+    }
+
+    /// Whether these wakers wake `task`.
+    fn wakes(&self, task: &Waker) -> bool {
+        self.legs[0].task.will_wake(task)
+    }
+
+    /// Which legs woke the task since the last call.
+    fn take_woke(&self) -> [bool; 2] {
+        self.legs
+            .each_ref()
+            .map(|leg| leg.woke.swap(false, Ordering::Acquire))
+    }
+}
+
 thread_local! {
     /// Per-worker scratch buffers for reading and for building the batch to write: an idle
     /// tunnel holds no buffer of its own.
@@ -116,6 +173,9 @@ pub struct Core {
     pub(super) closing: bool,
     /// The waker of the task running the relay, for the actor's handlers (pings, `End`).
     relay_waker: Option<Waker>,
+    /// Something besides a leg's IO changed the relay's work (the actor queued frames or
+    /// ended the tunnel, the relay yielded): the next wake-up turns both legs.
+    turn_both: bool,
     /// The relay is done: the actor stops when it sees this (its waker is `actor_waker`).
     pub(super) relay_done: bool,
     pub(super) actor_waker: Option<Waker>,
@@ -178,6 +238,7 @@ impl Core {
             ),
             closing: false,
             relay_waker: None,
+            turn_both: true,
             relay_done: false,
             actor_waker: None,
             revisit: false,
@@ -251,12 +312,13 @@ impl Core {
     }
 
     /// Writes `pending[to]`; true once it is empty.
-    fn flush(&mut self, to: Leg, cx: &mut TaskContext<'_>) -> bool {
+    fn flush(&mut self, to: Leg, legs: &LegWakers) -> bool {
         let i = to as usize;
         if self.pending[i].is_empty() {
             // Nothing waits: no flush, no buffer to release.
             return true;
         }
+        let cx = &mut legs.cx(to);
         while !self.pending[i].is_empty() {
             match Pin::new(&mut self.io[i]).poll_write(cx, &self.pending[i]) {
                 Poll::Ready(Ok(n)) if n > 0 => {
@@ -276,10 +338,11 @@ impl Core {
     }
 
     /// Writes `out` to `to` now if it can; queues what it cannot.
-    fn write_or_queue(&mut self, to: Leg, out: &[u8], cx: &mut TaskContext<'_>) {
+    fn write_or_queue(&mut self, to: Leg, out: &[u8], legs: &LegWakers) {
         let i = to as usize;
         let mut written = 0;
         if self.pending[i].is_empty() && !self.dead[to as usize] {
+            let cx = &mut legs.cx(to);
             while written < out.len() {
                 match Pin::new(&mut self.io[i]).poll_write(cx, &out[written..]) {
                     Poll::Ready(Ok(n)) if n > 0 => written += n,
@@ -314,10 +377,10 @@ impl Core {
     /// One leg's turn: flush what waits toward the other leg, then read this leg until it
     /// has nothing more, so that the turn ends with the leg's wakers registered (a read or
     /// a write that is pending) or with nothing left to do on it.
-    fn drive(&mut self, from: Leg, cx: &mut TaskContext<'_>) -> Turn {
+    fn drive(&mut self, from: Leg, legs: &LegWakers) -> Turn {
         let to = from.other();
         for _ in 0..READS_PER_WAKE {
-            if !self.flush(to, cx) {
+            if !self.flush(to, legs) {
                 return Turn::Waiting;
             }
             if !self.inject[to as usize].is_empty() && !self.dirs[from as usize].mid_frame() {
@@ -331,16 +394,17 @@ impl Core {
             let read = SCRATCH.with(|scratch| {
                 let (read_buf, out) = &mut *scratch.borrow_mut();
                 let mut buf = ReadBuf::new(&mut read_buf[..self.read_chunk]);
-                let read = Pin::new(&mut self.io[from as usize]).poll_read(cx, &mut buf);
+                let read =
+                    Pin::new(&mut self.io[from as usize]).poll_read(&mut legs.cx(from), &mut buf);
                 let n = buf.filled().len();
                 if let Poll::Ready(Ok(())) = read
                     && n > 0
                 {
                     match self.ingest(from, &read_buf[..n], out) {
-                        Some(direct) => self.write_or_queue(to, &read_buf[direct], cx),
+                        Some(direct) => self.write_or_queue(to, &read_buf[direct], legs),
                         None if !out.is_empty() => {
                             let batch = std::mem::take(out);
-                            self.write_or_queue(to, &batch, cx);
+                            self.write_or_queue(to, &batch, legs);
                             *out = batch;
                         }
                         None => {}
@@ -386,14 +450,22 @@ impl Core {
 
     /// Ends the client's TCP as soon as its leg is done, while the backend's end is still
     /// awaited: toward the client the gateway is the server, which closes first.
-    fn end_client_tcp(&mut self, cx: &mut TaskContext<'_>) {
+    fn end_client_tcp(&mut self, legs: &LegWakers) {
         let client = Leg::Client as usize;
         if !self.client_tcp_ended && !self.dead[client] && self.leg_done(Leg::Client) {
-            self.client_tcp_ended = Pin::new(&mut self.io[client]).poll_shutdown(cx).is_ready();
+            self.client_tcp_ended = Pin::new(&mut self.io[client])
+                .poll_shutdown(&mut legs.cx(Leg::Client))
+                .is_ready();
         }
     }
 
-    fn poll_relay(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
+    /// `woke`: the legs whose IO woke the task since the last poll.
+    fn poll_relay(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        legs: &LegWakers,
+        woke: [bool; 2],
+    ) -> Poll<()> {
         if !self.early[0].is_empty() || !self.early[1].is_empty() {
             for leg in [Leg::Client, Leg::Backend] {
                 let early = std::mem::take(&mut self.early[leg as usize]);
@@ -407,15 +479,21 @@ impl Core {
                 }
             }
         }
+        let mut turn = self.legs_to_turn(woke);
         for _ in 0..REVISITS_PER_WAKE {
             self.revisit = false;
-            let client = self.drive(Leg::Client, cx);
-            let backend = self.drive(Leg::Backend, cx);
+            let [client, backend] = [Leg::Client, Leg::Backend].map(|leg| {
+                if turn[leg as usize] {
+                    self.drive(leg, legs)
+                } else {
+                    Turn::Waiting
+                }
+            });
             self.account();
             if self.finished() {
                 return Poll::Ready(());
             }
-            self.end_client_tcp(cx);
+            self.end_client_tcp(legs);
             if client == Turn::Unfinished || backend == Turn::Unfinished {
                 break;
             }
@@ -429,10 +507,28 @@ impl Core {
                 }
                 return Poll::Pending;
             }
+            turn = [true, true];
         }
         // More to read than one wake-up's share: yield to the worker's other tunnels.
+        self.turn_both = true;
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// The legs a wake-up turns: each leg whose IO woke the task, and the other leg too
+    /// when bytes wait toward one that woke (it may have become writable; the other leg's
+    /// turn writes them). Both when the wake-up came from anywhere else.
+    fn legs_to_turn(&mut self, woke: [bool; 2]) -> [bool; 2] {
+        if std::mem::take(&mut self.turn_both) || woke == [false, false] {
+            return [true, true];
+        }
+        let waits_toward = |leg: Leg| {
+            !self.pending[leg as usize].is_empty() || !self.inject[leg as usize].is_empty()
+        };
+        [
+            woke[0] || (woke[1] && waits_toward(Leg::Backend)),
+            woke[1] || (woke[0] && waits_toward(Leg::Client)),
+        ]
     }
 
     /// Brings the gateway-wide buffered count up to date (an atomic operation only when
@@ -461,7 +557,8 @@ impl Core {
         }
     }
 
-    pub(super) fn wake_relay(&self) {
+    pub(super) fn wake_relay(&mut self) {
+        self.turn_both = true;
         if let Some(waker) = &self.relay_waker {
             waker.wake_by_ref();
         }
@@ -558,6 +655,8 @@ pub struct Relay {
     /// Armed when the close handshake starts: the tunnel ends at the latest then.
     close_deadline: Option<Pin<Box<Sleep>>>,
     slow_deadline: [Option<SlowDeadline>; 2],
+    /// Built at the first poll, for the task that polls the relay.
+    leg_wakers: Option<LegWakers>,
 }
 
 /// Armed while bytes wait toward a leg and `slow_consumer = "close"` is set: the leg is
@@ -570,6 +669,7 @@ impl Relay {
             core,
             close_deadline: None,
             slow_deadline: [None, None],
+            leg_wakers: None,
         }
     }
 }
@@ -616,9 +716,20 @@ impl Future for Relay {
             core,
             close_deadline,
             slow_deadline,
+            leg_wakers,
         } = self.get_mut();
         let mut core = core.borrow_mut();
-        let mut done = core.poll_relay(cx).is_ready();
+        let legs = match leg_wakers {
+            Some(legs) if legs.wakes(cx.waker()) => legs,
+            // First poll, or another task polls the relay now: every leg's IO is polled
+            // again, registering the new wakers.
+            _ => {
+                core.turn_both = true;
+                leg_wakers.insert(LegWakers::new(cx.waker()))
+            }
+        };
+        let woke = legs.take_woke();
+        let mut done = core.poll_relay(cx, legs, woke).is_ready();
         if !done {
             if core.closing && close_deadline.is_none() {
                 *close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
