@@ -130,11 +130,17 @@ impl LegWakers {
         self.legs[0].task.will_wake(task)
     }
 
-    /// Which legs woke the task since the last call.
+    /// Which legs woke the task since the last call. A load, and a store only where it
+    /// found one, rather than a locked swap per leg and poll: a wake landing in between
+    /// is not lost, as that leg's IO is polled after this anyway.
     fn take_woke(&self) -> [bool; 2] {
-        self.legs
-            .each_ref()
-            .map(|leg| leg.woke.swap(false, Ordering::Acquire))
+        self.legs.each_ref().map(|leg| {
+            let woke = leg.woke.load(Ordering::Acquire);
+            if woke {
+                leg.woke.store(false, Ordering::Relaxed);
+            }
+            woke
+        })
     }
 }
 
