@@ -184,15 +184,6 @@ async fn sigterm_sends_500_clients_1001_spread_over_shutdown_spread_then_exits_0
     assert!(exit.success(), "{exit:?}");
 }
 
-/// Waits until a gateway started by the test accepts connections on `port`.
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + STEP;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "gateway did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs the gateway on `config` with at most `limit` open files, its log in `log`, and
 /// waits until it listens on `port`.
 fn run_with_fd_limit(

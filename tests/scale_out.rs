@@ -11,14 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + STEP;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn replica(
     dir: &std::path::Path,
     name: &str,

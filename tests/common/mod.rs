@@ -19,6 +19,19 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use wsgate::GatewayThread;
 
+/// Waits (at most [`STEP`]) until something accepts TCP connections on 127.0.0.1:`port`,
+/// such as a gateway process just started.
+pub fn wait_listening(port: u16) {
+    let deadline = std::time::Instant::now() + STEP;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A child process, killed and reaped when dropped: a test that fails half-way leaves no
 /// process behind. Derefs to the [`std::process::Child`].
 pub struct Process(Option<std::process::Child>);
