@@ -186,11 +186,7 @@ async fn a_tunnel_writes_one_json_access_log_line() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + STEP;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port);
     for path in ["/quiet/x", "/ws/x"] {
         let mut ws = connect(&format!("ws://127.0.0.1:{port}{path}")).await;
         ws.send(Message::text("12345")).await.unwrap();

@@ -30,14 +30,17 @@ fn replica(
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["run", "-c"])
-        .arg(&path)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Held before the wait, so that a replica that never listens is killed too.
+    let child = Process::new(
+        Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_listening(port);
-    Process::new(child)
+    child
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,8 +102,11 @@ impl Wake for LegWaker {
 /// The wakers each leg's IO is polled with. A wake-up then knows which legs' readiness
 /// changed, and the relay does not poll the socket of a leg that did not wake (one
 /// readiness check, a mutex in tokio, per wake-up for nothing).
-pub(super) struct LegWakers {
+struct LegWakers {
+    /// Read for the flags.
     legs: [Arc<LegWaker>; 2],
+    /// The same two as `Waker`s, made once: making one per poll would change the `Arc`'s
+    /// count (a locked instruction) twice per leg and poll.
     wakers: [Waker; 2],
 }
 
