@@ -13,6 +13,8 @@
 #   bench/instructions.sh                          # wsgate (target/release) and nginx
 #   bench/instructions.sh wsgate-old=/path/to/wsgate   # one more wsgate build
 #   CONTENDERS=wsgate bench/instructions.sh        # wsgate only
+#   CALLGRIND_OPTS=--dump-instr=yes bench/instructions.sh   # per-instruction counts, for
+#                                                  # callgrind_annotate/kcachegrind on the run dir
 #
 # Needs valgrind and nginx (apt-get install valgrind nginx). Ports 8097-8099, 9011-9012.
 set -euo pipefail
@@ -70,7 +72,7 @@ measure() {
     cmd=(bash "$HERE/wsgate-contender.sh" "${BIN[$name]}" "$port" "$BACKENDS" "$dir")
   fi
   taskset -c "$PROXY_CPU" valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$dir/cg.%p" \
-    "${cmd[@]}" >"$dir/valgrind.log" 2>&1 &
+    ${CALLGRIND_OPTS:-} "${cmd[@]}" >"$dir/valgrind.log" 2>&1 &
   vg=$!
   PIDS+=("$vg")
   "$WSLOAD" probe --url "ws://127.0.0.1:$port/" --timeout 60 >/dev/null || die "$name did not start (see $dir)"

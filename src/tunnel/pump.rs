@@ -270,51 +270,15 @@ impl Direction {
     /// which also finds the error if there is one.
     #[inline]
     fn whole_messages(&self, data: &[u8], limits: &Limits) -> (usize, u32) {
-        // The first two header bytes as one little-endian u16 (first byte low): FIN set,
-        // RSV1 (unless permessage-deflate was agreed), RSV2, RSV3 and the opcode's two high
-        // bits clear, and the MASK bit as this leg must send it, all in one comparison.
-        let rsv1_allowed = if self.compressed { u16::from(RSV1) } else { 0 };
-        let checked_bits = 0x80FC & !rsv1_allowed;
-        let (expected_bits, header_len) = if self.from == Leg::Client {
-            (u16::from(FIN) | u16::from(MASKED) << 8, 2 + 4)
-        } else {
-            (u16::from(FIN), 2)
-        };
         let max_payload = limits.max_frame_size.min(limits.max_message_size);
-        // A 7-bit length up to this is within the limits (larger ones take the 16-bit arm).
-        let max_short = max_payload.min(125) as usize;
-        let (mut i, mut count) = (0, 0);
-        while let [b0, b1, rest @ ..] = &data[i..] {
-            // Of the opcodes with the two high bits clear, only text (1) and binary (2)
-            // have bit 1 set after adding one (continuation 0 → 1, reserved 3 → 4).
-            const {
-                assert!((OP_TEXT + 1) & 2 != 0 && (OP_BINARY + 1) & 2 != 0);
-                assert!((OP_CONTINUATION + 1) & 2 == 0);
-            }
-            if u16::from_le_bytes([*b0, *b1]) & checked_bits != expected_bits
-                || b0.wrapping_add(1) & 2 == 0
-            {
-                break;
-            }
-            let short = usize::from(b1 & 0x7f);
-            let whole = if short <= max_short {
-                header_len + short
-            } else if let (126, [hi, lo, ..]) = (short, rest) {
-                let payload = u16::from_be_bytes([*hi, *lo]);
-                if u64::from(payload) > max_payload {
-                    break;
-                }
-                header_len + 2 + usize::from(payload)
-            } else {
-                break;
-            };
-            if data.len() - i < whole {
-                break;
-            }
-            i += whole;
-            count += 1;
+        // One loop per leg and extension, so that the header length, the MASK bit and the
+        // RSV1 rule are constants in it rather than values it reloads per frame.
+        match (self.from, self.compressed) {
+            (Leg::Client, false) => whole_message_run::<true, false>(data, max_payload),
+            (Leg::Client, true) => whole_message_run::<true, true>(data, max_payload),
+            (Leg::Backend, false) => whole_message_run::<false, false>(data, max_payload),
+            (Leg::Backend, true) => whole_message_run::<false, true>(data, max_payload),
         }
-        (i, count)
     }
 
     fn data_header(&mut self, header: &Header, limits: &Limits) -> Result<(), Ending> {
@@ -351,6 +315,48 @@ impl Direction {
         }
         !self.cut
     }
+}
+
+/// [`Direction::whole_messages`] for a leg that must (`MASKED_LEG`) or must not mask its
+/// frames, with or without permessage-deflate (`DEFLATE`, which allows RSV1). Each frame
+/// costs two byte compares: the first byte against FIN with text or binary, the second,
+/// less the MASK bit the leg must set, against the largest 7-bit length the limits allow.
+fn whole_message_run<const MASKED_LEG: bool, const DEFLATE: bool>(
+    data: &[u8],
+    max_payload: u64,
+) -> (usize, u32) {
+    // Text and binary are adjacent opcodes: with FIN, the first byte is one of two
+    // values, and a wrapping subtraction leaves 0 or 1 for exactly those.
+    const { assert!(OP_BINARY == OP_TEXT + 1) };
+    let first_byte_checked = if DEFLATE { !RSV1 } else { u8::MAX };
+    let (mask_bit, header_len) = if MASKED_LEG { (MASKED, 2 + 4) } else { (0, 2) };
+    // A 7-bit length up to this is within the limits (larger ones take the 16-bit arm).
+    let max_short = max_payload.min(125) as u8;
+    let (mut rest, mut count) = (data, 0);
+    while let [b0, b1, after @ ..] = rest {
+        if (b0 & first_byte_checked).wrapping_sub(FIN | OP_TEXT) > 1 {
+            break;
+        }
+        // A MASK bit other than the leg's wraps this past 127: neither arm takes it.
+        let short = b1.wrapping_sub(mask_bit);
+        let whole = if short <= max_short {
+            header_len + usize::from(short)
+        } else if let (126, [hi, lo, ..]) = (short, after) {
+            let payload = u16::from_be_bytes([*hi, *lo]);
+            if u64::from(payload) > max_payload {
+                break;
+            }
+            header_len + 2 + usize::from(payload)
+        } else {
+            break;
+        };
+        let Some(next) = rest.get(whole..) else {
+            break;
+        };
+        rest = next;
+        count += 1;
+    }
+    (data.len() - rest.len(), count)
 }
 
 #[cfg(test)]
