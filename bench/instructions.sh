@@ -13,6 +13,8 @@
 #   bench/instructions.sh                          # wsgate (target/release) and nginx
 #   bench/instructions.sh wsgate-old=/path/to/wsgate   # one more wsgate build
 #   CONTENDERS=wsgate bench/instructions.sh        # wsgate only
+#   bench/instructions.sh "tokio-floor=bench/harness/wsload/target/release/tokio-floor --listen 127.0.0.1:{PORT} --backends {BACKENDS}"
+#                                                  # any proxy: a command with {PORT} and {BACKENDS}
 #   CALLGRIND_OPTS=--dump-instr=yes bench/instructions.sh   # per-instruction counts, for
 #                                                  # callgrind_annotate/kcachegrind on the run dir
 #
@@ -40,7 +42,7 @@ declare -A BIN=([wsgate]="$ROOT/target/release/wsgate")
 NAMES=()
 for name in ${CONTENDERS//,/ }; do NAMES+=("$name"); done
 for arg in "$@"; do
-  [[ "$arg" == *=* ]] || die "extra contender must be NAME=WSGATE_BINARY: $arg"
+  [[ "$arg" == *=* ]] || die "extra contender must be NAME=WSGATE_BINARY or NAME=COMMAND: $arg"
   BIN[${arg%%=*}]=${arg#*=}
   NAMES+=("${arg%%=*}")
 done
@@ -68,6 +70,9 @@ measure() {
       -e "s#@UPSTREAM_SERVERS@#        server ${BACKENDS%%,*};\n        server ${BACKENDS##*,};#" \
       "$HERE/harness/conf/nginx.conf.in" >"$dir/nginx.conf"
     cmd=(nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log")
+  elif [[ "${BIN[$name]}" == *"{PORT}"* ]]; then
+    local template=${BIN[$name]//\{PORT\}/$port}
+    read -ra cmd <<<"${template//\{BACKENDS\}/$BACKENDS}"
   else
     cmd=(bash "$HERE/wsgate-contender.sh" "${BIN[$name]}" "$port" "$BACKENDS" "$dir")
   fi
