@@ -14,7 +14,8 @@
 #   bench/instructions.sh wsgate-old=/path/to/wsgate   # one more wsgate build
 #   CONTENDERS=wsgate bench/instructions.sh        # wsgate only
 #   bench/instructions.sh "tokio-floor=bench/harness/wsload/target/release/tokio-floor --listen 127.0.0.1:{PORT} --backends {BACKENDS}"
-#                                                  # any proxy: a command with {PORT} and {BACKENDS}
+#                                                  # any proxy: a command with {PORT}, {BACKENDS}
+#                                                  # and {RUNDIR}, as bench/run.sh takes it
 #   CALLGRIND_OPTS=--dump-instr=yes bench/instructions.sh   # per-instruction counts, for
 #                                                  # callgrind_annotate/kcachegrind on the run dir
 #
@@ -31,6 +32,9 @@ HS_SECS="${HS_SECS:-6}"
 PROXY_CPU="${PROXY_CPU:-1}"
 LOADGEN_CPU="${LOADGEN_CPU:-0}"
 BACKENDS="127.0.0.1:9011,127.0.0.1:9012"
+
+# shellcheck source=harness/conf.sh
+source "$HERE/harness/conf.sh"
 
 die() { echo "instructions.sh: $*" >&2; exit 1; }
 command -v valgrind >/dev/null || die "valgrind is missing (apt-get install valgrind)"
@@ -65,14 +69,11 @@ measure() {
   mkdir -p "$dir"
   local -a cmd
   if [[ "$name" == nginx ]]; then
-    sed -e 's/^master_process on;/master_process off;/' -e "s#@RUNDIR@#$dir#g" -e 's#@NOFILE@#4096#g' \
-      -e 's#@PROXY_BUFFER@#4k#' -e 's#@PROXY_BUFFER_EXTRA@##' -e "s#@LISTEN@#127.0.0.1:$port#" \
-      -e "s#@UPSTREAM_SERVERS@#        server ${BACKENDS%%,*};\n        server ${BACKENDS##*,};#" \
-      "$HERE/harness/conf/nginx.conf.in" >"$dir/nginx.conf"
+    # One process (no master): callgrind then follows the worker itself.
+    nginx_conf "$dir" "$port" 4096 4k off ${BACKENDS//,/ }
     cmd=(nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log")
   elif [[ "${BIN[$name]}" == *"{PORT}"* ]]; then
-    local template=${BIN[$name]//\{PORT\}/$port}
-    read -ra cmd <<<"${template//\{BACKENDS\}/$BACKENDS}"
+    cmd=(bash -c "exec $(contender_command "${BIN[$name]}" "$port" "$BACKENDS" "$dir")")
   else
     cmd=(bash "$HERE/wsgate-contender.sh" "${BIN[$name]}" "$port" "$BACKENDS" "$dir")
   fi

@@ -35,6 +35,8 @@ fn main() {
         let mut turn = 0usize;
         loop {
             let Ok((mut client, _)) = listener.accept().await else {
+                // Out of descriptors, say: a pause, not a spin that would count as its CPU.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             };
             let backend = args.backends[turn % args.backends.len()];
