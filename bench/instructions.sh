@@ -22,63 +22,25 @@
 # Needs valgrind and nginx (apt-get install valgrind nginx). Ports 8097-8099, 9011-9012.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(dirname "$HERE")"
-BIN_DIR="$HERE/harness/wsload/target/release"
-WSLOAD="$BIN_DIR/wsload"
-CONTENDERS="${CONTENDERS:-wsgate,nginx}"
 RUN_DIR="${RUN_DIR:-/tmp/wsinstr.$(date +%Y%m%d-%H%M%S).$$}"
 TP_SECS="${TP_SECS:-8}"
 HS_SECS="${HS_SECS:-6}"
-PROXY_CPU="${PROXY_CPU:-1}"
-LOADGEN_CPU="${LOADGEN_CPU:-0}"
-BACKENDS="127.0.0.1:9011,127.0.0.1:9012"
 
 # shellcheck source=harness/conf.sh
 source "$HERE/harness/conf.sh"
 
 die() { echo "instructions.sh: $*" >&2; exit 1; }
 command -v valgrind >/dev/null || die "valgrind is missing (apt-get install valgrind)"
-mkdir -p "$RUN_DIR"
-cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2
-cargo build --release --manifest-path "$HERE/harness/wsload/Cargo.toml" >&2
-
-declare -A BIN=([wsgate]="$ROOT/target/release/wsgate")
-NAMES=()
-for name in ${CONTENDERS//,/ }; do NAMES+=("$name"); done
-for arg in "$@"; do
-  [[ "$arg" == *=* ]] || die "extra contender must be NAME=WSGATE_BINARY or NAME=COMMAND: $arg"
-  BIN[${arg%%=*}]=${arg#*=}
-  NAMES+=("${arg%%=*}")
-done
-
-PIDS=()
-cleanup() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-taskset -c "$LOADGEN_CPU" "$BIN_DIR/echo-backend" --ports 9011,9012 --threads 1 >"$RUN_DIR/backend.log" 2>&1 &
-PIDS+=($!)
-"$WSLOAD" probe --url "ws://127.0.0.1:9011/" --timeout 15 >/dev/null || die "echo-backend did not start"
-
-load() { taskset -c "$LOADGEN_CPU" "$WSLOAD" "$@" 2>/dev/null; }
-num() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
+prepare_run "$@" || die "cannot start the run (see $RUN_DIR)"
 
 # Starts NAME under callgrind on PORT, runs KIND (tp|hs) after a warm-up with the counters
 # zeroed, dumps them, and prints "instructions units reads".
 measure() {
   local name=$1 kind=$2 port=$3 dir="$RUN_DIR/$1-$2" vg
   mkdir -p "$dir"
-  local -a cmd
-  if [[ "$name" == nginx ]]; then
-    # One process (no master): callgrind then follows the worker itself.
-    nginx_conf "$dir" "$port" 4096 4k off ${BACKENDS//,/ }
-    cmd=(nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log")
-  elif [[ "${BIN[$name]}" == *"{PORT}"* ]]; then
-    cmd=(bash -c "exec $(contender_command "${BIN[$name]}" "$port" "$BACKENDS" "$dir")")
-  else
-    cmd=(bash "$HERE/wsgate-contender.sh" "${BIN[$name]}" "$port" "$BACKENDS" "$dir")
-  fi
+  proxy_argv "$name" "$port" "$BACKENDS" "$dir"
   taskset -c "$PROXY_CPU" valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$dir/cg.%p" \
-    ${CALLGRIND_OPTS:-} "${cmd[@]}" >"$dir/valgrind.log" 2>&1 &
+    ${CALLGRIND_OPTS:-} "${PROXY_ARGV[@]}" >"$dir/valgrind.log" 2>&1 &
   vg=$!
   PIDS+=("$vg")
   "$WSLOAD" probe --url "ws://127.0.0.1:$port/" --timeout 60 >/dev/null || die "$name did not start (see $dir)"

@@ -1,6 +1,7 @@
-# Renders the contenders' configurations and commands for a benchmark run. Sourced by
-# run.sh and ../instructions.sh, so that both start the same nginx and the same extra
-# contenders.
+# Shared by the benchmark scripts: renders the contenders' configurations and commands
+# (sourced by run.sh, ../instructions.sh and ../syscalls.sh, so that all three start the
+# same nginx and the same extra contenders), and sets up the runs of the last two, which
+# measure one proxy at a time.
 
 render() {        # render TEMPLATE OUT KEY=VALUE...: every @KEY@ in TEMPLATE becomes VALUE
   local tpl=$1 out=$2 text kv
@@ -29,3 +30,70 @@ contender_command() {
   c=${c//\{PORT\}/$2}; c=${c//\{BACKENDS\}/$3}; c=${c//\{RUNDIR\}/$4}
   printf '%s' "$c"
 }
+
+# The rest serves the scripts that measure one proxy at a time (../instructions.sh,
+# ../syscalls.sh): their contenders, how each is started, the echo backend.
+
+# contenders DEFAULT_WSGATE ARG...: sets NAMES (in order) and BIN (name -> wsgate binary or
+# command template) from $CONTENDERS (built-in: wsgate, which is DEFAULT_WSGATE, and
+# nginx) and the NAME=WSGATE_BINARY or NAME=COMMAND arguments.
+contenders() {
+  local name arg
+  declare -gA BIN=([wsgate]="$1")
+  shift
+  NAMES=()
+  for name in ${CONTENDERS//,/ }; do NAMES+=("$name"); done
+  for arg in "$@"; do
+    if [[ "$arg" != *=* ]]; then
+      echo "extra contender must be NAME=WSGATE_BINARY or NAME=COMMAND: $arg" >&2
+      return 1
+    fi
+    BIN[${arg%%=*}]=${arg#*=}
+    NAMES+=("${arg%%=*}")
+  done
+}
+
+# proxy_argv NAME PORT BACKENDS DIR: sets PROXY_ARGV to the command that runs contender
+# NAME on 127.0.0.1:PORT as one process (nginx without a master, so that a tool attached to
+# the process measures the worker itself), its files in DIR.
+proxy_argv() {
+  local name=$1 port=$2 backends=$3 dir=$4
+  if [[ "$name" == nginx ]]; then
+    nginx_conf "$dir" "$port" 4096 4k off ${backends//,/ }
+    PROXY_ARGV=(nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log")
+  elif [[ "${BIN[$name]}" == *"{PORT}"* ]]; then
+    PROXY_ARGV=(bash -c "exec $(contender_command "${BIN[$name]}" "$port" "$backends" "$dir")")
+  else
+    PROXY_ARGV=(bash "$(dirname "${BASH_SOURCE[0]}")/../wsgate-contender.sh" "${BIN[$name]}" "$port" "$backends" "$dir")
+  fi
+}
+
+# prepare_run ARG...: what those scripts do before measuring. Sets their shared settings
+# (CONTENDERS, PROXY_CPU and LOADGEN_CPU unless given; ROOT, BIN_DIR, WSLOAD, BACKENDS),
+# builds wsgate and the load generator, reads the contenders from ARG..., starts the echo
+# backend on 127.0.0.1:9011 and :9012 pinned to LOADGEN_CPU and waits until it answers.
+# Everything started and added to PIDS is stopped on exit.
+prepare_run() {
+  ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+  BIN_DIR="$ROOT/bench/harness/wsload/target/release"
+  WSLOAD="$BIN_DIR/wsload"
+  : "${CONTENDERS:=wsgate,nginx}" "${PROXY_CPU:=1}" "${LOADGEN_CPU:=0}"
+  BACKENDS="127.0.0.1:9011,127.0.0.1:9012"
+  mkdir -p "$RUN_DIR"
+  cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2
+  cargo build --release --manifest-path "$ROOT/bench/harness/wsload/Cargo.toml" >&2
+  contenders "$ROOT/target/release/wsgate" "$@" || return 1
+  PIDS=()
+  trap stop_all EXIT
+  taskset -c "$LOADGEN_CPU" "$BIN_DIR/echo-backend" --ports 9011,9012 --threads 1 >"$RUN_DIR/backend.log" 2>&1 &
+  PIDS+=($!)
+  "$BIN_DIR/wsload" probe --url "ws://127.0.0.1:9011/" --timeout 15 >/dev/null
+}
+
+stop_all() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+
+# load WSLOAD_ARG...: the load generator pinned to LOADGEN_CPU, its JSON on stdout.
+load() { taskset -c "$LOADGEN_CPU" "$BIN_DIR/wsload" "$@" 2>/dev/null; }
+
+# num FIELD: FIELD's number in the JSON on stdin.
+num() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
