@@ -51,12 +51,12 @@ measure() {
     callgrind_control -z "$target" >/dev/null 2>&1
     json=$(load echo-throughput --url "ws://127.0.0.1:$port/" --conns 64 --inflight 32 --size 64 --duration "$TP_SECS" --warmup 0)
     # Every echoed message crossed the proxy twice.
-    units=$(( 2 * $(num msgs <<<"$json") ))
+    units=$(( 2 * $(json_num msgs <<<"$json") ))
   else
     load handshakes --url "ws://127.0.0.1:$port/" --conns 4 --duration 2 >/dev/null
     callgrind_control -z "$target" >/dev/null 2>&1
     json=$(load handshakes --url "ws://127.0.0.1:$port/" --conns 4 --duration "$HS_SECS")
-    units=$(num completed <<<"$json")
+    units=$(json_num completed <<<"$json")
   fi
   callgrind_control -d "$target" >/dev/null 2>&1
   kill "$vg" 2>/dev/null || true

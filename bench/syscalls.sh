@@ -31,6 +31,16 @@ perf stat -e 'syscalls:sys_enter_recvfrom' true >/dev/null 2>&1 ||
   die "perf cannot read the syscalls tracepoints here (run as root, or lower kernel.perf_event_paranoid)"
 prepare_run "$@" || die "cannot start the run (see $RUN_DIR)"
 
+# drive KIND PORT SECS: the 64 B echo load (tp) or the handshake load (hs) on PORT, its
+# JSON on stdout.
+drive() {
+  if [[ "$1" == tp ]]; then
+    load echo-throughput --url "ws://127.0.0.1:$2/" --conns 64 --inflight 32 --size 64 --duration "$3" --warmup 0
+  else
+    load handshakes --url "ws://127.0.0.1:$2/" --conns 32 --duration "$3"
+  fi
+}
+
 # Starts NAME on PORT, runs KIND (tp|hs) after a warm-up with perf counting the proxy's
 # syscalls, and writes "CALL PER_UNIT" lines (and TOTAL) to DIR/per-unit.
 measure() {
@@ -42,20 +52,19 @@ measure() {
   proxy=$!
   PIDS+=("$proxy")
   "$WSLOAD" probe --url "ws://127.0.0.1:$port/" --timeout 30 >/dev/null || die "$name did not start (see $dir)"
-  if [[ "$kind" == tp ]]; then
-    load echo-throughput --url "ws://127.0.0.1:$port/" --conns 64 --inflight 32 --size 64 --duration 1 --warmup 0 >/dev/null
-  else
-    load handshakes --url "ws://127.0.0.1:$port/" --conns 32 --duration 1 >/dev/null
-  fi
+  drive "$kind" "$port" 1 >/dev/null
   perf stat -x, -e 'syscalls:sys_enter_*' -p "$proxy" -o "$dir/perf.csv" &
   counter=$!
+  # perf attaches within a few ms; counting from before the load starts misses none of
+  # its calls (the idle proxy makes next to none meanwhile).
+  sleep 0.3
   if [[ "$kind" == tp ]]; then
-    json=$(load echo-throughput --url "ws://127.0.0.1:$port/" --conns 64 --inflight 32 --size 64 --duration "$TP_SECS" --warmup 0)
+    json=$(drive tp "$port" "$TP_SECS")
     # Every echoed message crossed the proxy twice.
-    units=$(( 2 * $(num msgs <<<"$json") ))
+    units=$(( 2 * $(json_num msgs <<<"$json") ))
   else
-    json=$(load handshakes --url "ws://127.0.0.1:$port/" --conns 32 --duration "$HS_SECS")
-    units=$(num completed <<<"$json")
+    json=$(drive hs "$port" "$HS_SECS")
+    units=$(json_num completed <<<"$json")
   fi
   kill -INT "$counter"
   wait "$counter" 2>/dev/null || true

@@ -31,6 +31,10 @@ contender_command() {
   printf '%s' "$c"
 }
 
+json_num() {      # json_num FIELD: first numeric value of "FIELD" in the JSON on stdin
+  grep -o "\"$1\":[0-9.eE+-]*" | head -1 | cut -d: -f2
+}
+
 # The rest serves the scripts that measure one proxy at a time (../instructions.sh,
 # ../syscalls.sh): their contenders, how each is started, the echo backend.
 
@@ -87,13 +91,10 @@ prepare_run() {
   trap stop_all EXIT
   taskset -c "$LOADGEN_CPU" "$BIN_DIR/echo-backend" --ports 9011,9012 --threads 1 >"$RUN_DIR/backend.log" 2>&1 &
   PIDS+=($!)
-  "$BIN_DIR/wsload" probe --url "ws://127.0.0.1:9011/" --timeout 15 >/dev/null
+  "$WSLOAD" probe --url "ws://127.0.0.1:9011/" --timeout 15 >/dev/null
 }
 
 stop_all() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 
 # load WSLOAD_ARG...: the load generator pinned to LOADGEN_CPU, its JSON on stdout.
-load() { taskset -c "$LOADGEN_CPU" "$BIN_DIR/wsload" "$@" 2>/dev/null; }
-
-# num FIELD: FIELD's number in the JSON on stdin.
-num() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
+load() { taskset -c "$LOADGEN_CPU" "$WSLOAD" "$@" 2>/dev/null; }
