@@ -53,7 +53,12 @@ measure() {
   PIDS+=("$proxy")
   "$WSLOAD" probe --url "ws://127.0.0.1:$port/" --timeout 30 >/dev/null || die "$name did not start (see $dir)"
   drive "$kind" "$port" 1 >/dev/null
-  perf stat -x, -e 'syscalls:sys_enter_*' -p "$proxy" -o "$dir/perf.csv" &
+  # Besides every call, the reads and writes that failed with EAGAIN (-11): a call that
+  # found nothing to do, which the per-call count alone does not tell from a useful one.
+  perf stat -x, -e 'syscalls:sys_enter_*' \
+    -e syscalls:sys_exit_recvfrom --filter 'ret == -11' \
+    -e syscalls:sys_exit_sendto --filter 'ret == -11' \
+    -p "$proxy" -o "$dir/perf.csv" &
   counter=$!
   # perf attaches within a few ms; counting from before the load starts misses none of
   # its calls (the idle proxy makes next to none meanwhile).
@@ -71,7 +76,9 @@ measure() {
   kill "$proxy" 2>/dev/null || true
   wait "$proxy" 2>/dev/null || true
   [[ -s "$dir/perf.csv" && "${units:-0}" -gt 0 ]] || die "no syscall counts for $name ($kind) in $dir"
-  awk -F, -v units="$units" '$1 ~ /^[0-9]+$/ && $1 > 0 {
+  awk -F, -v units="$units" '$1 ~ /^[0-9]+$/ && $1 > 0 && $3 ~ /sys_exit_/ {
+      call = $3; sub("syscalls:sys_exit_", "", call); n[call ":EAGAIN"] = $1 / units; next }
+    $1 ~ /^[0-9]+$/ && $1 > 0 {
       call = $3; sub("syscalls:sys_enter_", "", call); n[call] = $1 / units; total += $1 / units }
     END { for (c in n) printf "%s %.6f\n", c, n[c]; printf "TOTAL %.6f\n", total }' \
     "$dir/perf.csv" >"$dir/per-unit"
@@ -86,15 +93,19 @@ run_dir, kind, scale, title, names = sys.argv[1], sys.argv[2], float(sys.argv[3]
 per = {}
 for name in names:
     per[name] = dict((c, float(v) * scale) for c, v in (l.split() for l in open(f"{run_dir}/{name}-{kind}/per-unit")))
-calls = sorted({c for p in per.values() for c in p if c != "TOTAL"},
+def shown(c):
+    return max(p.get(c, 0.0) for p in per.values()) >= 0.005
+calls = sorted({c for p in per.values() for c in p if c != "TOTAL" and ":" not in c},
                key=lambda c: -max(p.get(c, 0.0) for p in per.values()))
-calls = [c for c in calls if max(p.get(c, 0.0) for p in per.values()) >= 0.005] + ["TOTAL"]
+# Each call's failed share (":EAGAIN") right under it; counted in it, not in the total.
+calls = [row for c in calls if shown(c) for row in (c, c + ":EAGAIN") if shown(row)] + ["TOTAL"]
+label = {"TOTAL": "**total**"}
 print(f"\n{title}\n")
 print("| call | " + " | ".join(names) + " |")
 print("|---|" + "---:|" * len(names))
 for c in calls:
     cells = " | ".join(f"{per[n].get(c, 0.0):.2f}" for n in names)
-    print(f"| {'**total**' if c == 'TOTAL' else c} | {cells} |")
+    print(f"| {label.get(c, c.replace(':EAGAIN', ' (of which EAGAIN)'))} | {cells} |")
 PY
 }
 
