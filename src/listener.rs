@@ -12,6 +12,8 @@ use actix_http::{HttpService, error::DispatchError};
 use actix_service::{Service, ServiceFactory, fn_factory, fn_service, map_config};
 use actix_web::dev::AppConfig;
 use actix_web::{App, web};
+use futures_util::FutureExt as _;
+use futures_util::future::OptionFuture;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -324,12 +326,11 @@ impl Worker {
                             Rc::clone(&upgrade),
                             header_timeout,
                         ));
-                        actix_rt::spawn(async move {
-                            let relay = handshake.await;
-                            if let Some(relay) = relay {
-                                relay.await;
-                            }
-                        });
+                        // Chained, not an async block: a task's allocation is sized by
+                        // its future's largest state, and an async block keeps the
+                        // handshake's `Option<Relay>` beside the relay moved out of it
+                        // (240 bytes: a 384-byte task per tunnel, 256 this way).
+                        actix_rt::spawn(handshake.then(OptionFuture::from));
                     }
                     Err(err) if is_connection_error(&err) => {}
                     Err(err) => {

@@ -176,6 +176,97 @@ async fn after_a_backend_closes_the_gateway_leaves_ending_tcp_to_the_backend() {
     .await;
 }
 
+/// An upgrade request for `gateway` with `frames` right behind it, to go in one write.
+fn upgrade_request_with(gateway: std::net::SocketAddr, frames: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "GET / HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    request.extend_from_slice(frames);
+    request
+}
+
+/// Frames that come in the same write as a handshake (the client's right behind its
+/// upgrade request, the backend's right behind its 101) are read with the handshake and
+/// relayed like any other, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_that_come_with_the_handshakes_are_relayed() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let gw = gateway(&simple_config(1, ""), &[backend_addr]);
+    // "hi there", masked with 0x01020304 as a client must.
+    let mask = [1u8, 2, 3, 4];
+    let mut from_client = vec![0x81, 0x88];
+    from_client.extend_from_slice(&mask);
+    from_client.extend(b"hi there".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let from_backend = [&[0x81u8, 16][..], b"from the backend"].concat();
+    let (client_frame, backend_frame) = (from_client.clone(), from_backend.clone());
+    let backend = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut stream).await;
+        let key = header(&head, "sec-websocket-key").unwrap();
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
+        )
+        .into_bytes();
+        answer.extend_from_slice(&backend_frame);
+        stream.write_all(&answer).await.unwrap();
+        read_exactly(&mut stream, client_frame.len()).await
+    });
+    let gateway = addr(&gw);
+    let mut client = TcpStream::connect(gateway).await.unwrap();
+    client
+        .write_all(&upgrade_request_with(gateway, &from_client))
+        .await
+        .unwrap();
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(
+        read_exactly(&mut client, from_backend.len()).await,
+        from_backend,
+        "the backend's frame reached the client"
+    );
+    let got = tokio::time::timeout(STEP, backend).await.unwrap().unwrap();
+    assert_eq!(got, from_client, "the client's frame reached the backend");
+}
+
+/// A broken frame right behind the upgrade request (unmasked, from a client) ends the
+/// tunnel as it would later on: a 1002 close to the client, a close to the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_frame_that_comes_with_the_upgrade_gets_the_client_a_1002() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let gw = gateway(&simple_config(1, ""), &[backend_addr]);
+    let backend = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut stream).await;
+        accept_upgrade(&mut stream, &head, "").await;
+        // A masked close (2 header bytes, 4 of mask, then the masked code).
+        read_exactly(&mut stream, 2).await
+    });
+    let gateway = addr(&gw);
+    let mut client = TcpStream::connect(gateway).await.unwrap();
+    let unmasked = [0x81, 0x02, b'h', b'i'];
+    client
+        .write_all(&upgrade_request_with(gateway, &unmasked))
+        .await
+        .unwrap();
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let close = read_exactly(&mut client, 4).await;
+    assert_eq!(close[0], 0x88, "a close frame: {close:?}");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1002, "{close:?}");
+    let to_backend = tokio::time::timeout(STEP, backend).await.unwrap().unwrap();
+    assert_eq!(
+        to_backend[0], 0x88,
+        "the backend got a close: {to_backend:?}"
+    );
+    assert_eq!(to_backend[1] & 0x80, 0x80, "masked, as from a client");
+}
+
 /// A backend that never answers the close handshake holds the tunnel only until the close
 /// deadline (5 s): then both legs' TCP ends and the tunnel is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

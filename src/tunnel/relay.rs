@@ -195,7 +195,6 @@ pub struct Core {
     pub(super) client_addr: ClientAddr,
     route: Arc<str>,
     ending: Option<Ending>,
-    early: [bytes::Bytes; 2],
     _permits: Permits,
     buffered: Arc<AtomicUsize>,
     /// What this tunnel last added to `buffered`.
@@ -218,10 +217,7 @@ impl Core {
     pub(super) fn new(client: LegIo, backend: LegIo, params: TunnelParams) -> Core {
         let s = params.settings;
         let compressed = params.permessage_deflate;
-        // An empty `Bytes` frozen from a handshake's read buffer still pins that buffer's
-        // whole capacity (8 KiB per leg): keep the bytes only if there are any.
-        let early = |b: bytes::Bytes| if b.is_empty() { bytes::Bytes::new() } else { b };
-        Core {
+        let mut core = Core {
             io: [client.io, backend.io],
             dirs: [
                 Direction::new(Leg::Client, compressed),
@@ -255,7 +251,6 @@ impl Core {
             client_addr: params.client_addr,
             route: params.route,
             ending: None,
-            early: [early(client.early), early(backend.early)],
             _permits: params.permits,
             buffered: params.buffered,
             accounted: 0,
@@ -268,7 +263,26 @@ impl Core {
             frames: [0; 2],
             bytes: [0; 2],
             first_close: None,
+        };
+        // Frames that came in with the handshakes go through now, queued toward the other
+        // leg, so the tunnel keeps no handle on the handshakes' read buffers.
+        core.forward_early(Leg::Client, &client.early);
+        core.forward_early(Leg::Backend, &backend.early);
+        core
+    }
+
+    /// Checks the bytes that arrived from `from` together with its handshake and queues
+    /// what goes on toward the other leg; the relay's first turn writes them.
+    fn forward_early(&mut self, from: Leg, early: &[u8]) {
+        if early.is_empty() {
+            return;
         }
+        let mut out = Vec::new();
+        let forwarded = match self.ingest(from, early, &mut out) {
+            Some(direct) => &early[direct],
+            None => &out[..],
+        };
+        self.pending[from.other() as usize].extend_from_slice(forwarded);
     }
 
     /// Processes bytes read from `from`; what goes to the other leg is either in `out` or,
@@ -475,19 +489,6 @@ impl Core {
         legs: &LegWakers,
         woke: [bool; 2],
     ) -> Poll<()> {
-        if !self.early[0].is_empty() || !self.early[1].is_empty() {
-            for leg in [Leg::Client, Leg::Backend] {
-                let early = std::mem::take(&mut self.early[leg as usize]);
-                if !early.is_empty() {
-                    let mut out = Vec::new();
-                    let forwarded = match self.ingest(leg, &early, &mut out) {
-                        Some(direct) => &early[direct],
-                        None => &out[..],
-                    };
-                    self.pending[leg.other() as usize].extend_from_slice(forwarded);
-                }
-            }
-        }
         let mut turn = self.legs_to_turn(woke);
         for _ in 0..REVISITS_PER_WAKE {
             self.revisit = false;
