@@ -15,6 +15,8 @@ pub struct Route {
     pub pool: Arc<Pool>,
     /// `host/path -> upstream`, for logs.
     pub label: Arc<str>,
+    /// The upstream's name, shared by the tunnels it serves (draining is per upstream).
+    pub upstream: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -72,6 +74,7 @@ impl Snapshot {
                 };
                 Some(Arc::new(Route {
                     label: Arc::from(format!("{host}{} -> {}", route.path, route.upstream)),
+                    upstream: Arc::from(route.upstream.as_str()),
                     config: route.clone(),
                     pool,
                 }))

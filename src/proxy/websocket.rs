@@ -221,7 +221,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
                         access_log: route.config.access_log,
                         registry: Arc::clone(&ctx.shared.registry),
                         lease: server.lease(),
-                        upstream: Arc::from(route.config.upstream.as_str()),
+                        upstream: Arc::clone(&route.upstream),
                         client_addr: ClientAddr(req.peer_addr()),
                         route: route.label.clone(),
                         permessage_deflate: answer.deflate,
