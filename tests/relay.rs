@@ -176,15 +176,20 @@ async fn after_a_backend_closes_the_gateway_leaves_ending_tcp_to_the_backend() {
     .await;
 }
 
-/// An upgrade request for `gateway` with `frames` right behind it, to go in one write.
-fn upgrade_request_with(gateway: std::net::SocketAddr, frames: &[u8]) -> Vec<u8> {
+/// Opens a WebSocket through `gateway` with `frames` right behind the upgrade request, in
+/// one write; returns the socket once the gateway's 101 is read.
+async fn upgrade_with(gateway: std::net::SocketAddr, frames: &[u8]) -> TcpStream {
     let mut request = format!(
         "GET / HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     .into_bytes();
     request.extend_from_slice(frames);
-    request
+    let mut client = TcpStream::connect(gateway).await.unwrap();
+    client.write_all(&request).await.unwrap();
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    client
 }
 
 /// Frames that come in the same write as a handshake (the client's right behind its
@@ -216,14 +221,7 @@ async fn frames_that_come_with_the_handshakes_are_relayed() {
         stream.write_all(&answer).await.unwrap();
         read_exactly(&mut stream, client_frame.len()).await
     });
-    let gateway = addr(&gw);
-    let mut client = TcpStream::connect(gateway).await.unwrap();
-    client
-        .write_all(&upgrade_request_with(gateway, &from_client))
-        .await
-        .unwrap();
-    let head = read_head(&mut client).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut client = upgrade_with(addr(&gw), &from_client).await;
     assert_eq!(
         read_exactly(&mut client, from_backend.len()).await,
         from_backend,
@@ -247,15 +245,8 @@ async fn a_broken_frame_that_comes_with_the_upgrade_gets_the_client_a_1002() {
         // A masked close (2 header bytes, 4 of mask, then the masked code).
         read_exactly(&mut stream, 2).await
     });
-    let gateway = addr(&gw);
-    let mut client = TcpStream::connect(gateway).await.unwrap();
     let unmasked = [0x81, 0x02, b'h', b'i'];
-    client
-        .write_all(&upgrade_request_with(gateway, &unmasked))
-        .await
-        .unwrap();
-    let head = read_head(&mut client).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut client = upgrade_with(addr(&gw), &unmasked).await;
     let close = read_exactly(&mut client, 4).await;
     assert_eq!(close[0], 0x88, "a close frame: {close:?}");
     assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1002, "{close:?}");
