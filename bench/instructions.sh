@@ -19,12 +19,16 @@
 #   CALLGRIND_OPTS=--dump-instr=yes bench/instructions.sh   # per-instruction counts, for
 #                                                  # callgrind_annotate/kcachegrind on the run dir
 #
+# HS_CONNS sets the handshake loops at once (default 4); TP_SECS and HS_SECS the
+# measured seconds.
+#
 # Needs valgrind and nginx (apt-get install valgrind nginx). Ports 8097-8099, 9011-9012.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RUN_DIR="${RUN_DIR:-/tmp/wsinstr.$(date +%Y%m%d-%H%M%S).$$}"
 TP_SECS="${TP_SECS:-8}"
 HS_SECS="${HS_SECS:-6}"
+HS_CONNS="${HS_CONNS:-4}"
 
 # shellcheck source=harness/conf.sh
 source "$HERE/harness/conf.sh"
@@ -45,25 +49,18 @@ measure() {
   PIDS+=("$vg")
   "$WSLOAD" probe --url "ws://127.0.0.1:$port/" --timeout 60 >/dev/null || die "$name did not start (see $dir)"
   # taskset, valgrind, the contender script and the proxy exec one another: one PID.
-  local target=$vg units json
-  if [[ $kind == tp ]]; then
-    load echo-throughput --url "ws://127.0.0.1:$port/" --conns 64 --inflight 32 --size 64 --duration 2 --warmup 0 >/dev/null
-    callgrind_control -z "$target" >/dev/null 2>&1
-    json=$(load echo-throughput --url "ws://127.0.0.1:$port/" --conns 64 --inflight 32 --size 64 --duration "$TP_SECS" --warmup 0)
-    # Every echoed message crossed the proxy twice.
-    units=$(( 2 * $(json_num msgs <<<"$json") ))
-  else
-    load handshakes --url "ws://127.0.0.1:$port/" --conns 4 --duration 2 >/dev/null
-    callgrind_control -z "$target" >/dev/null 2>&1
-    json=$(load handshakes --url "ws://127.0.0.1:$port/" --conns 4 --duration "$HS_SECS")
-    units=$(json_num completed <<<"$json")
-  fi
+  local target=$vg count json secs=$TP_SECS
+  [[ "$kind" == hs ]] && secs=$HS_SECS
+  drive "$kind" "$port" 2 >/dev/null
+  callgrind_control -z "$target" >/dev/null 2>&1
+  json=$(drive "$kind" "$port" "$secs")
+  count=$(units "$kind" <<<"$json")
   callgrind_control -d "$target" >/dev/null 2>&1
   kill "$vg" 2>/dev/null || true
   wait "$vg" 2>/dev/null || true
   local dump="$dir/cg.$vg.1"
   [[ -s "$dump" ]] || die "no callgrind dump for $name in $dir"
-  python3 - "$dump" "$units" <<'PY'
+  python3 - "$dump" "$count" <<'PY'
 import re, sys
 path, units = sys.argv[1], int(sys.argv[2])
 total = reads = 0

@@ -14,6 +14,9 @@
 #                                                  # any proxy: a command with {PORT}, {BACKENDS}
 #                                                  # and {RUNDIR}, as bench/run.sh takes it
 #
+# HS_CONNS sets the handshake loops at once (default 32); TP_SECS and HS_SECS the
+# measured seconds.
+#
 # Needs perf (apt-get install linux-perf) with the syscalls tracepoints (root, or
 # perf_event_paranoid allowing it), and nginx. Ports 8097-8099, 9011-9012.
 set -euo pipefail
@@ -21,6 +24,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RUN_DIR="${RUN_DIR:-/tmp/wssyscalls.$(date +%Y%m%d-%H%M%S).$$}"
 TP_SECS="${TP_SECS:-4}"
 HS_SECS="${HS_SECS:-4}"
+HS_CONNS="${HS_CONNS:-32}"
 
 # shellcheck source=harness/conf.sh
 source "$HERE/harness/conf.sh"
@@ -31,20 +35,11 @@ perf stat -e 'syscalls:sys_enter_recvfrom' true >/dev/null 2>&1 ||
   die "perf cannot read the syscalls tracepoints here (run as root, or lower kernel.perf_event_paranoid)"
 prepare_run "$@" || die "cannot start the run (see $RUN_DIR)"
 
-# drive KIND PORT SECS: the 64 B echo load (tp) or the handshake load (hs) on PORT, its
-# JSON on stdout.
-drive() {
-  if [[ "$1" == tp ]]; then
-    load echo-throughput --url "ws://127.0.0.1:$2/" --conns 64 --inflight 32 --size 64 --duration "$3" --warmup 0
-  else
-    load handshakes --url "ws://127.0.0.1:$2/" --conns 32 --duration "$3"
-  fi
-}
-
 # Starts NAME on PORT, runs KIND (tp|hs) after a warm-up with perf counting the proxy's
 # syscalls, and writes "CALL PER_UNIT" lines (and TOTAL) to DIR/per-unit.
 measure() {
-  local name=$1 kind=$2 port=$3 dir="$RUN_DIR/$1-$2" proxy units json counter
+  local name=$1 kind=$2 port=$3 dir="$RUN_DIR/$1-$2" proxy count json counter secs=$TP_SECS
+  [[ "$kind" == hs ]] && secs=$HS_SECS
   mkdir -p "$dir"
   proxy_argv "$name" "$port" "$BACKENDS" "$dir"
   taskset -c "$PROXY_CPU" "${PROXY_ARGV[@]}" >"$dir/proxy.log" 2>&1 &
@@ -63,20 +58,14 @@ measure() {
   # perf attaches within a few ms; counting from before the load starts misses none of
   # its calls (the idle proxy makes next to none meanwhile).
   sleep 0.3
-  if [[ "$kind" == tp ]]; then
-    json=$(drive tp "$port" "$TP_SECS")
-    # Every echoed message crossed the proxy twice.
-    units=$(( 2 * $(json_num msgs <<<"$json") ))
-  else
-    json=$(drive hs "$port" "$HS_SECS")
-    units=$(json_num completed <<<"$json")
-  fi
+  json=$(drive "$kind" "$port" "$secs")
+  count=$(units "$kind" <<<"$json")
   kill -INT "$counter"
   wait "$counter" 2>/dev/null || true
   kill "$proxy" 2>/dev/null || true
   wait "$proxy" 2>/dev/null || true
-  [[ -s "$dir/perf.csv" && "${units:-0}" -gt 0 ]] || die "no syscall counts for $name ($kind) in $dir"
-  awk -F, -v units="$units" '$1 ~ /^[0-9]+$/ && $1 > 0 && $3 ~ /sys_exit_/ {
+  [[ -s "$dir/perf.csv" && "${count:-0}" -gt 0 ]] || die "no syscall counts for $name ($kind) in $dir"
+  awk -F, -v units="$count" '$1 ~ /^[0-9]+$/ && $1 > 0 && $3 ~ /sys_exit_/ {
       call = $3; sub("syscalls:sys_exit_", "", call); n[call ":EAGAIN"] = $1 / units; next }
     $1 ~ /^[0-9]+$/ && $1 > 0 {
       call = $3; sub("syscalls:sys_enter_", "", call); n[call] = $1 / units; total += $1 / units }
@@ -116,5 +105,5 @@ for name in "${NAMES[@]}"; do
   port=$((port + 1))
 done
 table tp 1000 "System calls per 1,000 relayed 64 B messages (64 connections x 32 in flight)"
-table hs 1 "System calls per handshake cycle (connect, upgrade, close, TCP end; 32 at once)"
+table hs 1 "System calls per handshake cycle (connect, upgrade, close, TCP end; $HS_CONNS at once)"
 echo "(run dir: $RUN_DIR)" >&2

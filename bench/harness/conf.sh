@@ -98,3 +98,20 @@ stop_all() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; d
 
 # load WSLOAD_ARG...: the load generator pinned to LOADGEN_CPU, its JSON on stdout.
 load() { taskset -c "$LOADGEN_CPU" "$WSLOAD" "$@" 2>/dev/null; }
+
+# drive KIND PORT SECS: the loads those scripts measure, on PORT for SECS, the JSON on
+# stdout. tp: 64 B echoes over 64 connections with 32 in flight each; hs: HS_CONNS loops
+# of connect, upgrade, close handshake and TCP end.
+drive() {
+  if [[ "$1" == tp ]]; then
+    load echo-throughput --url "ws://127.0.0.1:$2/" --conns 64 --inflight 32 --size 64 --duration "$3" --warmup 0
+  else
+    load handshakes --url "ws://127.0.0.1:$2/" --conns "$HS_CONNS" --duration "$3"
+  fi
+}
+
+# units KIND: from drive's JSON on stdin, how many units its counts are divided by:
+# relayed messages (every echo crossed the proxy twice) or completed handshakes.
+units() {
+  if [[ "$1" == tp ]]; then echo $((2 * $(json_num msgs))); else json_num completed; fi
+}
