@@ -210,15 +210,7 @@ async fn frames_that_come_with_the_handshakes_are_relayed() {
     let backend = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
         let head = read_head(&mut stream).await;
-        let key = header(&head, "sec-websocket-key").unwrap();
-        let mut answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {}\r\n\r\n",
-            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
-        )
-        .into_bytes();
-        answer.extend_from_slice(&backend_frame);
-        stream.write_all(&answer).await.unwrap();
+        accept_upgrade_with(&mut stream, &head, "", &backend_frame).await;
         read_exactly(&mut stream, client_frame.len()).await
     });
     let mut client = upgrade_with(addr(&gw), &from_client).await;
@@ -256,6 +248,36 @@ async fn a_broken_frame_that_comes_with_the_upgrade_gets_the_client_a_1002() {
         "the backend got a close: {to_backend:?}"
     );
     assert_eq!(to_backend[1] & 0x80, 0x80, "masked, as from a client");
+}
+
+/// A backend that breaks the protocol (a masked frame: servers never mask), right behind
+/// its 101, fails the tunnel as it would later on: a 1014 close to the client, a 1002
+/// close to the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_frame_that_comes_with_the_101_gets_the_client_a_1014() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let gw = gateway(&simple_config(1, ""), &[backend_addr]);
+    let backend = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut stream).await;
+        let masked = [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+        accept_upgrade_with(&mut stream, &head, "", &masked).await;
+        // The gateway's close, masked as from a client: 2 header bytes, 4 of mask, the code.
+        let close = read_exactly(&mut stream, 8).await;
+        let code = u16::from_be_bytes([close[6] ^ close[2], close[7] ^ close[3]]);
+        (close, code)
+    });
+    let mut client = upgrade_with(addr(&gw), &[]).await;
+    let close = read_exactly(&mut client, 4).await;
+    assert_eq!(close[0], 0x88, "a close frame: {close:?}");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1014, "{close:?}");
+    let (to_backend, code) = tokio::time::timeout(STEP, backend).await.unwrap().unwrap();
+    assert_eq!(
+        to_backend[0], 0x88,
+        "the backend got a close: {to_backend:?}"
+    );
+    assert_eq!(code, 1002, "{to_backend:?}");
 }
 
 /// A backend that never answers the close handshake holds the tunnel only until the close

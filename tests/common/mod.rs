@@ -651,6 +651,16 @@ pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 /// Answers the upgrade in `head` with a 101, agreeing to `agreement` if permessage-deflate
 /// was offered; returns whether it was.
 pub async fn accept_upgrade(stream: &mut TcpStream, head: &str, agreement: &str) -> bool {
+    accept_upgrade_with(stream, head, agreement, &[]).await
+}
+
+/// [`accept_upgrade`] with `frames` right behind the 101, in the same write.
+pub async fn accept_upgrade_with(
+    stream: &mut TcpStream,
+    head: &str,
+    agreement: &str,
+    frames: &[u8],
+) -> bool {
     let key = header(head, "sec-websocket-key").unwrap();
     let offered = header(head, "sec-websocket-extensions")
         .is_some_and(|offers| offers.contains("permessage-deflate"));
@@ -659,11 +669,13 @@ pub async fn accept_upgrade(stream: &mut TcpStream, head: &str, agreement: &str)
     } else {
         String::new()
     };
-    let answer = format!(
+    let mut answer = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {}\r\n{agreed}\r\n",
         tungstenite::handshake::derive_accept_key(key.as_bytes())
-    );
-    stream.write_all(answer.as_bytes()).await.unwrap();
+    )
+    .into_bytes();
+    answer.extend_from_slice(frames);
+    stream.write_all(&answer).await.unwrap();
     offered
 }
