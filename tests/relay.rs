@@ -192,27 +192,50 @@ async fn upgrade_with(gateway: std::net::SocketAddr, frames: &[u8]) -> TcpStream
     client
 }
 
+/// A gateway in front of a raw backend that answers the upgrade with `frames` right behind
+/// its 101, in one write, and then hands back the first `n` bytes the gateway sends it.
+fn gateway_to_raw_backend(
+    frames: Vec<u8>,
+    n: usize,
+) -> (GatewayThread, tokio::task::JoinHandle<Vec<u8>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let gw = gateway(&simple_config(1, ""), &[listener.local_addr().unwrap()]);
+    let backend = tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut stream).await;
+        accept_upgrade_with(&mut stream, &head, "", &frames).await;
+        read_exactly(&mut stream, n).await
+    });
+    (gw, backend)
+}
+
+/// The code of a close frame a client sent (masked): 2 header bytes, 4 of mask, the code.
+fn masked_close_code(frame: &[u8]) -> u16 {
+    assert_eq!(frame[0], 0x88, "a close frame: {frame:?}");
+    assert_eq!(frame[1] & 0x80, 0x80, "masked, as from a client: {frame:?}");
+    u16::from_be_bytes([frame[6] ^ frame[2], frame[7] ^ frame[3]])
+}
+
+/// The code of a close frame a server sent (unmasked).
+fn close_code_of(frame: &[u8]) -> u16 {
+    assert_eq!(frame[0], 0x88, "a close frame: {frame:?}");
+    u16::from_be_bytes([frame[2], frame[3]])
+}
+
 /// Frames that come in the same write as a handshake (the client's right behind its
 /// upgrade request, the backend's right behind its 101) are read with the handshake and
 /// relayed like any other, byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_that_come_with_the_handshakes_are_relayed() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = listener.local_addr().unwrap();
-    let gw = gateway(&simple_config(1, ""), &[backend_addr]);
     // "hi there", masked with 0x01020304 as a client must.
     let mask = [1u8, 2, 3, 4];
     let mut from_client = vec![0x81, 0x88];
     from_client.extend_from_slice(&mask);
     from_client.extend(b"hi there".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     let from_backend = [&[0x81u8, 16][..], b"from the backend"].concat();
-    let (client_frame, backend_frame) = (from_client.clone(), from_backend.clone());
-    let backend = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let head = read_head(&mut stream).await;
-        accept_upgrade_with(&mut stream, &head, "", &backend_frame).await;
-        read_exactly(&mut stream, client_frame.len()).await
-    });
+    let (gw, backend) = gateway_to_raw_backend(from_backend.clone(), from_client.len());
     let mut client = upgrade_with(addr(&gw), &from_client).await;
     assert_eq!(
         read_exactly(&mut client, from_backend.len()).await,
@@ -224,30 +247,15 @@ async fn frames_that_come_with_the_handshakes_are_relayed() {
 }
 
 /// A broken frame right behind the upgrade request (unmasked, from a client) ends the
-/// tunnel as it would later on: a 1002 close to the client, a close to the backend.
+/// tunnel as it would later on: a 1002 close to the client, a 1001 close to the backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_frame_that_comes_with_the_upgrade_gets_the_client_a_1002() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = listener.local_addr().unwrap();
-    let gw = gateway(&simple_config(1, ""), &[backend_addr]);
-    let backend = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let head = read_head(&mut stream).await;
-        accept_upgrade(&mut stream, &head, "").await;
-        // A masked close (2 header bytes, 4 of mask, then the masked code).
-        read_exactly(&mut stream, 2).await
-    });
+    let (gw, backend) = gateway_to_raw_backend(Vec::new(), 8);
     let unmasked = [0x81, 0x02, b'h', b'i'];
     let mut client = upgrade_with(addr(&gw), &unmasked).await;
-    let close = read_exactly(&mut client, 4).await;
-    assert_eq!(close[0], 0x88, "a close frame: {close:?}");
-    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1002, "{close:?}");
+    assert_eq!(close_code_of(&read_exactly(&mut client, 4).await), 1002);
     let to_backend = tokio::time::timeout(STEP, backend).await.unwrap().unwrap();
-    assert_eq!(
-        to_backend[0], 0x88,
-        "the backend got a close: {to_backend:?}"
-    );
-    assert_eq!(to_backend[1] & 0x80, 0x80, "masked, as from a client");
+    assert_eq!(masked_close_code(&to_backend), 1001);
 }
 
 /// A backend that breaks the protocol (a masked frame: servers never mask), right behind
@@ -255,29 +263,12 @@ async fn a_broken_frame_that_comes_with_the_upgrade_gets_the_client_a_1002() {
 /// close to the backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_frame_that_comes_with_the_101_gets_the_client_a_1014() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = listener.local_addr().unwrap();
-    let gw = gateway(&simple_config(1, ""), &[backend_addr]);
-    let backend = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let head = read_head(&mut stream).await;
-        let masked = [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
-        accept_upgrade_with(&mut stream, &head, "", &masked).await;
-        // The gateway's close, masked as from a client: 2 header bytes, 4 of mask, the code.
-        let close = read_exactly(&mut stream, 8).await;
-        let code = u16::from_be_bytes([close[6] ^ close[2], close[7] ^ close[3]]);
-        (close, code)
-    });
+    let masked = vec![0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+    let (gw, backend) = gateway_to_raw_backend(masked, 8);
     let mut client = upgrade_with(addr(&gw), &[]).await;
-    let close = read_exactly(&mut client, 4).await;
-    assert_eq!(close[0], 0x88, "a close frame: {close:?}");
-    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1014, "{close:?}");
-    let (to_backend, code) = tokio::time::timeout(STEP, backend).await.unwrap().unwrap();
-    assert_eq!(
-        to_backend[0], 0x88,
-        "the backend got a close: {to_backend:?}"
-    );
-    assert_eq!(code, 1002, "{to_backend:?}");
+    assert_eq!(close_code_of(&read_exactly(&mut client, 4).await), 1014);
+    let to_backend = tokio::time::timeout(STEP, backend).await.unwrap().unwrap();
+    assert_eq!(masked_close_code(&to_backend), 1002);
 }
 
 /// A backend that never answers the close handshake holds the tunnel only until the close
