@@ -69,6 +69,35 @@ async fn bad_handshakes_get_400_426_and_404_with_a_reason() {
         "{body:?}"
     );
 
+    // A key must be 16 bytes in canonical base64: too short, or with bits set past them.
+    for key in ["c2hvcnQ=", "dGhlIHNhbXBsZSBub25jZR=="] {
+        let (status, _, body) = http(
+            a,
+            &upgrade(&format!(
+                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+            )),
+        )
+        .await;
+        assert_eq!(status, 400, "{key}");
+        assert!(
+            String::from_utf8_lossy(&body).contains("16 bytes of base64"),
+            "{body:?}"
+        );
+    }
+    let (status, _, body) = http(
+        a,
+        &format!(
+            "GET /ws/x HTTP/1.1\r\nHost: {a}\r\nUpgrade: websocket\r\nConnection: keep-alive\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("Connection"),
+        "{body:?}"
+    );
+
     let (status, head, _) = http(
         a,
         &upgrade("Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),

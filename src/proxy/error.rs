@@ -1,6 +1,5 @@
 //! Why a request was not proxied, and the HTTP status each reason answers with.
 
-use actix_http::ws::HandshakeError;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
@@ -64,27 +63,6 @@ impl ProxyError {
                 "limited"
             }
             ProxyError::OriginNotAllowed(_) => "forbidden_origin",
-        }
-    }
-}
-
-impl From<HandshakeError> for ProxyError {
-    fn from(err: HandshakeError) -> Self {
-        match err {
-            HandshakeError::GetMethodRequired => ProxyError::BadUpgrade("the method must be GET"),
-            HandshakeError::NoWebsocketUpgrade => {
-                ProxyError::BadUpgrade("the Upgrade header must be \"websocket\"")
-            }
-            HandshakeError::NoConnectionUpgrade => {
-                ProxyError::BadUpgrade("the Connection header must include \"upgrade\"")
-            }
-            HandshakeError::NoVersionHeader => {
-                ProxyError::BadUpgrade("the Sec-WebSocket-Version header is missing")
-            }
-            HandshakeError::UnsupportedVersion => ProxyError::UnsupportedVersion,
-            HandshakeError::BadWebsocketKey => ProxyError::BadUpgrade(
-                "the Sec-WebSocket-Key header is missing or not 16 bytes of base64",
-            ),
         }
     }
 }

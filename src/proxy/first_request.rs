@@ -1,8 +1,8 @@
 //! A connection's first request head, read by the gateway itself. Most WebSocket clients
 //! open a connection for the upgrade alone, so an upgrade found here goes straight to the
 //! tunnel path without actix-http's connection dispatcher (whose per-connection setup was
-//! the largest user-space cost of a handshake under callgrind, see BENCHMARKS.md).
-//! Anything else is served by actix-http from the first byte: [`Replay`] gives it the
+//! the largest user-space cost of a handshake under callgrind, see BENCHMARKS.md), read in
+//! place as an [`UpgradeHead`]. Anything else is served by actix-http from the first byte: [`Replay`] gives it the
 //! bytes read here before the rest of the connection.
 
 use std::io;
@@ -11,16 +11,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use actix_http::header::{HeaderName, HeaderValue};
-use actix_http::{Method, Request, Uri, Version};
 use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
 use super::MAX_HEAD_BYTES;
+use super::head::{MAX_HEADERS, UpgradeHead};
 use crate::tunnel::Io;
-
-/// Headers a first request may have; one with more goes to actix-http, which decides.
-const MAX_HEADERS: usize = 96;
 
 /// The first read's buffer; it doubles up to [`MAX_HEAD_BYTES`] for a larger head.
 const FIRST_READ: usize = 2048;
@@ -28,7 +24,7 @@ const FIRST_READ: usize = 2048;
 /// What the first request turned out to be.
 pub enum FirstRequest {
     /// A WebSocket upgrade: its head, and the bytes that followed it.
-    Upgrade(Request, Bytes),
+    Upgrade(UpgradeHead, Bytes),
     /// Anything else, for actix-http: the bytes read so far, to replay.
     Http(Bytes),
     /// Answered here (408, 431) or the client left.
@@ -49,7 +45,7 @@ pub async fn read(
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }
-            // The blank line that ends a head: `classify` parses it (once). Only a head
+            // The blank line that ends a head: `UpgradeHead` parses it (once). Only a head
             // without one yet is parsed here, to tell a partial head from a broken one.
             if memchr::memmem::find(&buf, b"\r\n\r\n").is_some() {
                 return Some(true);
@@ -84,49 +80,16 @@ pub async fn read(
     FirstRequest::Done
 }
 
-/// An upgrade to WebSocket becomes actix-http's request type (values sliced from `buf`,
-/// not copied); everything else, malformed heads included, goes to actix-http as bytes.
+/// An upgrade to WebSocket is read in place; everything else, malformed heads included,
+/// goes to actix-http as bytes.
 fn classify(buf: Bytes, peer: Option<SocketAddr>) -> FirstRequest {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut slots);
-    let Ok(httparse::Status::Complete(head_len)) = parsed.parse(&buf) else {
-        return FirstRequest::Http(buf);
-    };
-    let is_upgrade = parsed.method == Some("GET")
-        && parsed.version == Some(1)
-        && parsed.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("upgrade")
-                && h.value
-                    .split(|&b| b == b',')
-                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"websocket"))
-        });
-    let Some(path) = parsed.path.filter(|_| is_upgrade) else {
-        return FirstRequest::Http(buf);
-    };
-    let Ok(uri) = Uri::from_maybe_shared(buf.slice_ref(path.as_bytes())) else {
-        return FirstRequest::Http(buf);
-    };
-    let mut request = Request::new();
-    let head = request.head_mut();
-    head.method = Method::GET;
-    head.uri = uri;
-    head.version = Version::HTTP_11;
-    head.peer_addr = peer;
-    for h in parsed.headers.iter() {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_maybe_shared(buf.slice_ref(h.value)),
-        ) else {
-            return FirstRequest::Http(buf);
-        };
-        head.headers_mut().append(name, value);
+    match UpgradeHead::parse(buf, peer) {
+        Ok(head) => {
+            let early = head.after_head();
+            FirstRequest::Upgrade(head, early)
+        }
+        Err(buf) => FirstRequest::Http(buf),
     }
-    let early = if head_len < buf.len() {
-        buf.slice(head_len..)
-    } else {
-        Bytes::new()
-    };
-    FirstRequest::Upgrade(request, early)
 }
 
 /// A connection whose first bytes were already read: reads return those first.
@@ -191,35 +154,18 @@ impl AsyncWrite for Replay {
 mod tests {
     use super::*;
 
-    fn classified(head: &str) -> FirstRequest {
-        classify(Bytes::from(head.to_string()), None)
-    }
-
     #[test]
-    fn a_websocket_upgrade_is_taken_with_the_bytes_after_it() {
-        let head = "GET /chat?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\x01\x00";
-        let FirstRequest::Upgrade(request, early) = classified(head) else {
+    fn an_upgrade_is_taken_with_the_bytes_after_it_and_anything_else_left_whole() {
+        let upgrade = "GET /chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n\x01\x00";
+        let FirstRequest::Upgrade(head, early) = classify(Bytes::from(upgrade), None) else {
             panic!("not taken as an upgrade");
         };
-        assert_eq!(request.head().uri.path(), "/chat");
-        assert_eq!(request.head().uri.query(), Some("x=1"));
-        assert_eq!(request.head().headers().get("host").unwrap(), "a");
+        assert_eq!(crate::proxy::Head::path(&head), "/chat");
         assert_eq!(&early[..], b"\x01\x00");
-    }
-
-    #[test]
-    fn anything_else_goes_to_actix_http_whole() {
-        for head in [
-            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
-            "POST / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
-            "GET / HTTP/1.0\r\nUpgrade: websocket\r\n\r\n",
-            "GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
-            "GARBAGE\r\n\r\n",
-        ] {
-            match classified(head) {
-                FirstRequest::Http(bytes) => assert_eq!(&bytes[..], head.as_bytes()),
-                _ => panic!("{head:?} was not left to actix-http"),
-            }
+        let plain = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        match classify(Bytes::from(plain), None) {
+            FirstRequest::Http(bytes) => assert_eq!(&bytes[..], plain.as_bytes()),
+            _ => panic!("a plain request was not left to actix-http"),
         }
     }
 

@@ -6,6 +6,8 @@ use std::net::IpAddr;
 
 use actix_http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use super::Head;
+
 /// Headers that describe one connection and never cross the gateway.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -45,7 +47,7 @@ pub struct Forwarded<'a> {
     /// `http` or `https`: how the client reached the gateway.
     pub proto: &'static str,
     /// The Host the client asked for.
-    pub host: Option<&'a HeaderValue>,
+    pub host: Option<&'a [u8]>,
     /// Replaces Host toward the backend (`host_header` on the route).
     pub host_override: Option<&'a str>,
 }
@@ -62,15 +64,15 @@ fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<&'a [u8]
 /// The one rule for both directions: hop-by-hop headers (the fixed ones and those the
 /// message's `Connection` names) and the per-leg WebSocket headers stop at the gateway.
 /// Case-insensitive, so it serves parsed heads (any case) and header maps alike.
-fn stops_here(name: &str, connection_tokens: &[&[u8]]) -> bool {
+fn stops_here(name: &[u8], connection_tokens: &[&[u8]]) -> bool {
     HOP_BY_HOP
         .iter()
         .chain(&WEBSOCKET_PER_LEG)
         .chain([&KEEP_ALIVE, &PROXY_CONNECTION])
-        .any(|h| h.as_str().eq_ignore_ascii_case(name))
+        .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
         || connection_tokens
             .iter()
-            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+            .any(|t| t.eq_ignore_ascii_case(name))
 }
 
 /// The extension named by one element of a `Sec-WebSocket-Extensions` list (RFC 6455
@@ -169,81 +171,80 @@ fn ip_text(ip: IpAddr) -> String {
 }
 
 /// Where the headers for a backend go: a header map (plain HTTP, sent by awc) or the bytes
-/// of a request head (a WebSocket upgrade, written by the gateway itself).
+/// of a request head (a WebSocket upgrade, written by the gateway itself). Names and
+/// values come from a parsed head or from the gateway, so they are valid as they are.
 pub trait HeaderSink {
-    fn put(&mut self, name: &HeaderName, value: &HeaderValue);
+    fn put(&mut self, name: &[u8], value: &[u8]);
 }
 
 impl HeaderSink for HeaderMap {
-    fn put(&mut self, name: &HeaderName, value: &HeaderValue) {
-        self.append(name.clone(), value.clone());
+    fn put(&mut self, name: &[u8], value: &[u8]) {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
+            self.append(name, value);
+        }
     }
 }
 
 impl HeaderSink for Vec<u8> {
-    fn put(&mut self, name: &HeaderName, value: &HeaderValue) {
-        put_header(self, name.as_str().as_bytes(), value.as_bytes());
+    fn put(&mut self, name: &[u8], value: &[u8]) {
+        put_header(self, name, value);
     }
 }
 
-/// The headers to send to the backend for a client request carrying `incoming`.
-pub fn to_backend(incoming: &HeaderMap, fwd: &Forwarded<'_>) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(incoming.len() + 5);
+/// The headers to send to the backend for a client request with head `incoming`.
+pub fn to_backend(incoming: &impl Head, fwd: &Forwarded<'_>) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(incoming.fields().count() + 5);
     forward(incoming, fwd, &mut out);
     out
 }
 
+/// Headers the gateway writes itself toward the backend; the client's are dropped.
+const SET_BY_THE_GATEWAY: [HeaderName; 5] = [
+    header::HOST,
+    X_FORWARDED_FOR,
+    X_REAL_IP,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+];
+
 /// Puts the headers to send to the backend into `out`: the client's end-to-end headers,
 /// then Host and the forwarding headers. Returns whether a Host header was put.
-pub fn forward(incoming: &HeaderMap, fwd: &Forwarded<'_>, out: &mut impl HeaderSink) -> bool {
-    let tokens = connection_tokens(
-        incoming
-            .get_all(header::CONNECTION)
-            .map(HeaderValue::as_bytes),
-    );
-    for (name, value) in incoming.iter() {
-        if stops_here(name.as_str(), &tokens)
-            || *name == header::HOST
-            || *name == X_FORWARDED_FOR
-            || *name == X_REAL_IP
-            || *name == X_FORWARDED_PROTO
-            || *name == X_FORWARDED_HOST
-        {
-            continue;
+pub fn forward(incoming: &impl Head, fwd: &Forwarded<'_>, out: &mut impl HeaderSink) -> bool {
+    let tokens = connection_tokens(incoming.values("connection"));
+    for (name, value) in incoming.fields() {
+        let set_here = || {
+            SET_BY_THE_GATEWAY
+                .iter()
+                .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+        };
+        if !stops_here(name, &tokens) && !set_here() {
+            out.put(name, value);
         }
-        out.put(name, value);
     }
-    let host = match fwd.host_override {
-        Some(host) => HeaderValue::from_str(host).ok(),
-        None => fwd.host.cloned(),
-    };
-    let host_put = host.is_some();
+    let host = fwd.host_override.map(str::as_bytes).or(fwd.host);
     if let Some(host) = host {
-        out.put(&header::HOST, &host);
+        out.put(b"host", host);
     }
     if let Some(original) = fwd.host {
-        out.put(&X_FORWARDED_HOST, original);
+        out.put(X_FORWARDED_HOST.as_str().as_bytes(), original);
     }
     // nginx's $proxy_add_x_forwarded_for: the list the client sent, then the hop it came
     // from (the client itself unless a trusted balancer is in between).
-    let peer_ip = ip_text(fwd.peer_ip);
-    let previous: Vec<&str> = incoming
-        .get_all(X_FORWARDED_FOR)
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let xff = if previous.is_empty() {
-        HeaderValue::from_str(&peer_ip)
-    } else {
-        HeaderValue::from_str(&format!("{}, {peer_ip}", previous.join(", ")))
-    };
-    if let Ok(xff) = xff {
-        out.put(&X_FORWARDED_FOR, &xff);
+    let mut xff = Vec::new();
+    for previous in incoming.values("x-forwarded-for").filter(|v| v.is_ascii()) {
+        xff.extend_from_slice(previous);
+        xff.extend_from_slice(b", ");
     }
-    if let Ok(ip) = HeaderValue::from_str(&ip_text(fwd.client_ip)) {
-        out.put(&X_REAL_IP, &ip);
-    }
-    out.put(&X_FORWARDED_PROTO, &HeaderValue::from_static(fwd.proto));
-    host_put
+    xff.extend_from_slice(ip_text(fwd.peer_ip).as_bytes());
+    out.put(X_FORWARDED_FOR.as_str().as_bytes(), &xff);
+    out.put(
+        X_REAL_IP.as_str().as_bytes(),
+        ip_text(fwd.client_ip).as_bytes(),
+    );
+    out.put(X_FORWARDED_PROTO.as_str().as_bytes(), fwd.proto.as_bytes());
+    host.is_some()
 }
 
 /// Copies a backend response's end-to-end headers into `out` (the client's response).
@@ -254,7 +255,7 @@ pub fn to_client(backend: &HeaderMap, out: &mut HeaderMap) {
             .map(HeaderValue::as_bytes),
     );
     for (name, value) in backend.iter() {
-        if !stops_here(name.as_str(), &tokens) {
+        if !stops_here(name.as_str().as_bytes(), &tokens) {
             out.append(name.clone(), value.clone());
         }
     }
@@ -271,7 +272,7 @@ pub fn end_to_end<'a>(
             .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
             .map(|(_, value)| value),
     );
-    pairs.filter(move |(name, _)| !stops_here(name, &tokens))
+    pairs.filter(move |(name, _)| !stops_here(name.as_bytes(), &tokens))
 }
 
 #[cfg(test)]
@@ -337,17 +338,18 @@ mod tests {
         assert_eq!(ip_text(mapped), "10.1.2.3");
     }
 
-    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
+    fn head(pairs: &[(&'static str, &'static str)]) -> actix_http::RequestHead {
+        let mut head = actix_http::RequestHead::default();
         for (k, v) in pairs {
-            m.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+            head.headers_mut()
+                .append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        m
+        head
     }
 
     #[test]
     fn forwarding_headers_are_set_and_hop_by_hop_stripped() {
-        let incoming = map(&[
+        let incoming = head(&[
             ("host", "chat.example.com"),
             ("connection", "Upgrade, X-Private"),
             ("upgrade", "websocket"),
@@ -361,14 +363,13 @@ mod tests {
             ("x-forwarded-for", "203.0.113.9"),
             ("x-real-ip", "6.6.6.6"),
         ]);
-        let host = incoming.get(header::HOST).cloned();
         let out = to_backend(
             &incoming,
             &Forwarded {
                 client_ip: "::ffff:127.0.0.7".parse().unwrap(),
                 peer_ip: "::ffff:127.0.0.7".parse().unwrap(),
                 proto: "https",
-                host: host.as_ref(),
+                host: incoming.value("host"),
                 host_override: None,
             },
         );
@@ -398,15 +399,14 @@ mod tests {
 
     #[test]
     fn host_override_replaces_host_but_x_forwarded_host_keeps_the_original() {
-        let incoming = map(&[("host", "public.example.com")]);
-        let host = incoming.get(header::HOST).cloned();
+        let incoming = head(&[("host", "public.example.com")]);
         let out = to_backend(
             &incoming,
             &Forwarded {
                 client_ip: "10.0.0.1".parse().unwrap(),
                 peer_ip: "10.0.0.1".parse().unwrap(),
                 proto: "http",
-                host: host.as_ref(),
+                host: incoming.value("host"),
                 host_override: Some("backend.internal:9000"),
             },
         );

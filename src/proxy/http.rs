@@ -7,7 +7,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use awc::error::{ConnectError, SendRequestError};
 
 use super::headers::{self, Forwarded};
-use super::{ListenerInfo, Matched, ProxyError, UpstreamClients, authority};
+use super::{Head, ListenerInfo, Matched, ProxyError, UpstreamClients, authority};
 
 /// How the client's request body is framed.
 enum Body {
@@ -42,12 +42,12 @@ pub(super) async fn proxy(
     let route = &matched.route;
     let settings = route.config.settings;
     let to_backend = headers::to_backend(
-        req.headers(),
+        req.head(),
         &Forwarded {
             client_ip: matched.client_ip,
             peer_ip: matched.peer_ip,
             proto: listener.proto,
-            host: req.headers().get(header::HOST),
+            host: req.head().value("host"),
             host_override: route.config.host_header.as_deref(),
         },
     );

@@ -5,6 +5,7 @@
 
 mod error;
 pub mod first_request;
+pub mod head;
 pub mod headers;
 mod http;
 pub mod upstream_client;
@@ -14,12 +15,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 
-use actix_http::RequestHead;
-use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use arc_swap::ArcSwap;
 
 pub use error::ProxyError;
+pub use head::Head;
 pub use upstream_client::UpstreamClients;
 
 use crate::config::HashKey;
@@ -67,17 +67,6 @@ impl Shared {
 /// but a head that arrives in one read can get past it, so the proxy checks again.
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 
-/// The request head's size as it came on the wire, near enough (line and headers).
-fn head_size(head: &RequestHead) -> usize {
-    let target = head.uri.path().len() + head.uri.query().map_or(0, |q| q.len() + 1);
-    let line = head.method.as_str().len() + target + 12;
-    line + head
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum::<usize>()
-}
-
 /// Which listener accepted the request.
 #[derive(Debug, Clone)]
 pub struct ListenerInfo {
@@ -91,7 +80,7 @@ pub struct ListenerInfo {
 }
 
 /// The 308 toward `https://host[:port]/path?query` for a request on a plain listener.
-pub fn redirect(head: &RequestHead, port: u16) -> ProxyError {
+pub fn redirect(head: &impl Head, port: u16) -> ProxyError {
     let host = request_host(head).unwrap_or("localhost");
     let host = if host.contains(':') {
         format!("[{host}]")
@@ -103,8 +92,9 @@ pub fn redirect(head: &RequestHead, port: u16) -> ProxyError {
     } else {
         format!(":{port}")
     };
-    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
-    ProxyError::Redirect(format!("https://{host}{port}{path}"))
+    let path = head.path();
+    let query = head.query().map_or(String::new(), |q| format!("?{q}"));
+    ProxyError::Redirect(format!("https://{host}{port}{path}{query}"))
 }
 
 /// A request matched to its route, with what both proxy paths need.
@@ -125,7 +115,7 @@ impl Matched {
     /// there is none: every server out of rotation, or every one in it full.
     pub fn candidates(
         &self,
-        head: &RequestHead,
+        head: &impl Head,
     ) -> Result<Vec<Arc<crate::pool::Server>>, ProxyError> {
         let pool = &self.route.pool;
         let servers = pool.candidates(self.client_ip, hash_value(&pool.config.hash_key, head));
@@ -145,7 +135,7 @@ impl Matched {
 /// `$arg_NAME`: not decoded); `None` for the client address or a value the request lacks
 /// or sends empty (nginx does not hash an empty key either: every such client would land
 /// on one server).
-fn hash_value<'a>(key: &HashKey, head: &'a RequestHead) -> Option<&'a [u8]> {
+fn hash_value<'a>(key: &'a HashKey, head: &'a impl Head) -> Option<&'a [u8]> {
     let pairs = |text: &'a [u8], separator: u8| {
         text.split(move |&b| b == separator).map(|pair| {
             let pair = pair.trim_ascii();
@@ -157,14 +147,13 @@ fn hash_value<'a>(key: &HashKey, head: &'a RequestHead) -> Option<&'a [u8]> {
     };
     let value = match key {
         HashKey::RemoteAddr => None,
-        HashKey::Header(name) => head.headers().get(name.as_str()).map(|v| v.as_bytes()),
+        HashKey::Header(name) => head.value(name),
         HashKey::Cookie(name) => head
-            .headers()
-            .get_all(header::COOKIE)
-            .flat_map(|v| pairs(v.as_bytes(), b';'))
+            .values("cookie")
+            .flat_map(|v| pairs(v, b';'))
             .find(|(n, _)| *n == name.as_bytes())
             .map(|(_, value)| value),
-        HashKey::Query(name) => pairs(head.uri.query()?.as_bytes(), b'&')
+        HashKey::Query(name) => pairs(head.query()?.as_bytes(), b'&')
             .find(|(n, _)| *n == name.as_bytes())
             .map(|(_, value)| value),
     };
@@ -173,14 +162,10 @@ fn hash_value<'a>(key: &HashKey, head: &'a RequestHead) -> Option<&'a [u8]> {
 
 /// The Host the client asked for, without port, from the Host header or the
 /// absolute-form request target.
-fn request_host(head: &RequestHead) -> Option<&str> {
-    let host = match head
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-    {
+fn request_host(head: &impl Head) -> Option<&str> {
+    let host = match head.value("host").and_then(ascii_text) {
         Some(host) => host,
-        None => head.uri.host()?,
+        None => head.target_host()?,
     };
     Some(match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(v6),
@@ -192,13 +177,13 @@ fn request_host(head: &RequestHead) -> Option<&str> {
 pub fn match_route(
     shared: &Shared,
     listener: &ListenerInfo,
-    head: &RequestHead,
+    head: &impl Head,
 ) -> Result<Matched, ProxyError> {
-    if head_size(head) > MAX_HEAD_BYTES {
+    if head.wire_len() > MAX_HEAD_BYTES {
         return Err(ProxyError::HeadTooLarge);
     }
     let snapshot = shared.snapshot.load();
-    let path = head.uri.path();
+    let path = head.path();
     let host = request_host(head);
     let Some(route) = snapshot.route(&listener.name, host, path) else {
         return Err(ProxyError::NoRoute {
@@ -210,17 +195,17 @@ pub fn match_route(
         Some(rewrite) => format!("{rewrite}{}", &path[route.config.path.len()..]),
         None => path.to_string(),
     };
-    let backend_path = match head.uri.query() {
+    let backend_path = match head.query() {
         Some(query) => format!("{rewritten}?{query}"),
         None => rewritten,
     };
     // Only a Unix-socket peer has no address; it hashes like loopback.
     let peer_ip = head
-        .peer_addr
+        .peer_addr()
         .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| a.ip());
     Ok(Matched {
         route: Arc::clone(route),
-        client_ip: real_client(peer_ip, head.headers(), &listener.real_ip_from),
+        client_ip: real_client(peer_ip, head, &listener.real_ip_from),
         peer_ip,
         backend_path,
     })
@@ -228,14 +213,14 @@ pub fn match_route(
 
 /// nginx's realip module with `real_ip_recursive on`: from a trusted peer, walk
 /// X-Forwarded-For from the right and take the first address that is not trusted.
-fn real_client(peer: IpAddr, headers: &header::HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+fn real_client(peer: IpAddr, head: &impl Head, trusted: &[ipnet::IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(&ip.to_canonical()));
     if !is_trusted(&peer) {
         return peer;
     }
-    let hops: Vec<IpAddr> = headers
-        .get_all(header::HeaderName::from_static("x-forwarded-for"))
-        .filter_map(|v| v.to_str().ok())
+    let hops: Vec<IpAddr> = head
+        .values("x-forwarded-for")
+        .filter_map(ascii_text)
         .flat_map(|v| v.split(','))
         .filter_map(|hop| hop.trim().parse().ok())
         .collect();
@@ -279,6 +264,13 @@ pub async fn handle(
     result
 }
 
+/// A header value as text, if it is ASCII (as actix-http's `to_str` takes it).
+fn ascii_text(value: &[u8]) -> Option<&str> {
+    std::str::from_utf8(value)
+        .ok()
+        .filter(|text| text.is_ascii())
+}
+
 /// Errors of connecting to a backend that say the gateway ran out of something (file
 /// descriptors, memory, local ports), not that the server is unreachable: the client is
 /// told to retry and the server is not blamed (nginx, likewise, does not hold a failed
@@ -302,6 +294,8 @@ fn authority(host: &str, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use actix_http::RequestHead;
+    use actix_web::http::header;
 
     #[test]
     fn hash_values_are_read_as_sent_and_missing_ones_are_none() {

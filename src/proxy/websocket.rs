@@ -16,8 +16,7 @@ use std::time::Duration;
 
 use actix_codec::Framed;
 use actix_http::h1;
-use actix_http::header;
-use actix_http::{HttpMessage, Request, StatusCode};
+use actix_http::{Request, StatusCode};
 use actix_web::ResponseError;
 use actix_web::web;
 use bytes::{Bytes, BytesMut};
@@ -25,7 +24,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::headers::{self, Forwarded};
-use super::{ListenerInfo, MAX_HEAD_BYTES, ProxyError, Shared, authority, match_route};
+use super::{Head, ListenerInfo, MAX_HEAD_BYTES, ProxyError, Shared, authority, match_route};
 use crate::config::TunnelSettings;
 use crate::limits::Permits;
 use crate::metrics;
@@ -69,7 +68,7 @@ pub async fn serve_upgrade<T: Io>(
     // Only the socket and the bytes already read from it are kept; the HTTP codec, its
     // buffers and the request are dropped before the tunnel's long life begins.
     let actix_codec::FramedParts { io, read_buf, .. } = framed.into_parts();
-    if let Some(relay) = upgrade(req, Box::new(io), read_buf.freeze(), &ctx).await {
+    if let Some(relay) = upgrade(req.head(), Box::new(io), read_buf.freeze(), &ctx).await {
         // A task of its own: actix-http's connection future, which would hold this one,
         // is large and would stay allocated for the tunnel's whole life.
         actix_rt::spawn(relay);
@@ -81,18 +80,17 @@ pub async fn serve_upgrade<T: Io>(
 /// after the request head), then starts the tunnel: returns its relay, for the caller to
 /// run (`None`: the upgrade was refused or the client left).
 pub async fn upgrade(
-    req: Request,
+    req: &impl Head,
     mut client: Box<dyn Io>,
     early: Bytes,
     ctx: &UpgradeContext,
 ) -> Option<Relay> {
     let started = std::time::Instant::now();
     let outcome = match ctx.listener.redirect_https {
-        Some(port) => Err(super::redirect(req.head(), port)),
+        Some(port) => Err(super::redirect(req, port)),
         // Boxed: the dial's large future would otherwise make every connection's larger.
-        None => Box::pin(accept(&req, ctx)).await,
+        None => Box::pin(accept(req, ctx)).await,
     };
-    drop(req);
     match outcome {
         Ok(accepted) => {
             let written =
@@ -133,24 +131,17 @@ struct Accepted {
     params: TunnelParams,
 }
 
-async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyError> {
-    let matched = match_route(&ctx.shared, &ctx.listener, req.head())?;
+async fn accept(req: &impl Head, ctx: &UpgradeContext) -> Result<Accepted, ProxyError> {
+    let matched = match_route(&ctx.shared, &ctx.listener, req)?;
     // Refuse a malformed upgrade before any backend is bothered with it.
-    actix_http::ws::verify_handshake(req.head())?;
-    let key = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or(ProxyError::BadUpgrade(
-            "the Sec-WebSocket-Key header is missing",
-        ))?;
-    let accept_key = actix_http::ws::hash_key(key.as_bytes());
+    let key = checked_key(req)?;
+    let accept_key = actix_http::ws::hash_key(key);
     let route = &matched.route;
     let settings = route.config.settings;
     if !route.config.allowed_origins.is_empty() {
         let origin = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|o| o.to_str().ok())
+            .value("origin")
+            .and_then(super::ascii_text)
             .unwrap_or("");
         if !route
             .config
@@ -165,12 +156,12 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
     // The forwarded headers as they will be written, once for every server tried.
     let mut to_backend = Vec::with_capacity(512);
     let host_put = headers::forward(
-        req.headers(),
+        req,
         &Forwarded {
             client_ip: matched.client_ip,
             peer_ip: matched.peer_ip,
             proto: ctx.listener.proto,
-            host: req.headers().get(header::HOST),
+            host: req.value("host"),
             host_override: route.config.host_header.as_deref(),
         },
         &mut to_backend,
@@ -179,13 +170,7 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
     // end to end; only permessage-deflate is offered (see `headers::deflate_offers`).
     let offers = settings
         .permessage_deflate
-        .then(|| {
-            headers::deflate_offers(
-                req.headers()
-                    .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
-                    .map(header::HeaderValue::as_bytes),
-            )
-        })
+        .then(|| headers::deflate_offers(req.values("sec-websocket-extensions")))
         .flatten();
     if let Some(offers) = &offers {
         headers::put_header(&mut to_backend, b"sec-websocket-extensions", offers);
@@ -196,16 +181,11 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
     };
     let tls = route.pool.tls.as_ref().unwrap_or(&ctx.upstream_tls);
     let mut last_error = None;
-    let candidates = matched.candidates(req.head())?;
+    let candidates = matched.candidates(req)?;
     let upstream_config = &route.pool.config;
     for server in candidates {
         let host = (!host_put).then(|| authority(&server.config.host, server.config.port));
-        let request = upgrade_request(
-            &matched.backend_path,
-            host.as_deref(),
-            &to_backend,
-            key.as_bytes(),
-        );
+        let request = upgrade_request(&matched.backend_path, host.as_deref(), &to_backend, key);
         match dial(&server, tls, &request, &expected, &settings).await {
             Ok(answer) => {
                 server.record_success();
@@ -254,6 +234,51 @@ async fn accept(req: &Request, ctx: &UpgradeContext) -> Result<Accepted, ProxyEr
             detail: "no servers".to_string(),
         },
     })
+}
+
+/// Checks an upgrade request (RFC 6455 §4.2.1) and returns its `Sec-WebSocket-Key`.
+fn checked_key(req: &impl Head) -> Result<&[u8], ProxyError> {
+    use base64::Engine as _;
+    let tokens = |name| {
+        req.values(name)
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+    };
+    if req.method() != "GET" {
+        return Err(ProxyError::BadUpgrade("the method must be GET"));
+    }
+    if !tokens("upgrade").any(|t| t.eq_ignore_ascii_case(b"websocket")) {
+        return Err(ProxyError::BadUpgrade(
+            "the Upgrade header must be \"websocket\"",
+        ));
+    }
+    if !tokens("connection").any(|t| t.eq_ignore_ascii_case(b"upgrade")) {
+        return Err(ProxyError::BadUpgrade(
+            "the Connection header must include \"upgrade\"",
+        ));
+    }
+    match req.value("sec-websocket-version") {
+        None => {
+            return Err(ProxyError::BadUpgrade(
+                "the Sec-WebSocket-Version header is missing",
+            ));
+        }
+        Some(b"13") => {}
+        Some(_) => return Err(ProxyError::UnsupportedVersion),
+    }
+    let mut nonce = [0u8; 18];
+    match req.value("sec-websocket-key") {
+        Some(key)
+            if key.len() == 24
+                && base64::engine::general_purpose::STANDARD.decode_slice(key, &mut nonce)
+                    == Ok(16) =>
+        {
+            Ok(key)
+        }
+        _ => Err(ProxyError::BadUpgrade(
+            "the Sec-WebSocket-Key header is missing or not 16 bytes of base64",
+        )),
+    }
 }
 
 /// Places for one more tunnel under every limit, or the refusal that applies.
