@@ -6,6 +6,8 @@ use std::net::IpAddr;
 
 use actix_http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use smallvec::SmallVec;
+
 use super::Head;
 
 /// Headers that describe one connection and never cross the gateway.
@@ -54,7 +56,7 @@ pub struct Forwarded<'a> {
 
 /// The tokens of a message's `Connection` header values: the headers they name are
 /// hop-by-hop for that message.
-fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<&'a [u8]> {
+fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> SmallVec<[&'a [u8]; 4]> {
     values
         .flat_map(|v| v.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
@@ -145,29 +147,55 @@ pub fn put_header(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     head.extend_from_slice(b"\r\n");
 }
 
-/// An address as forwarding headers write it (an IPv4-mapped IPv6 address as IPv4).
+/// An address as forwarding headers write it (an IPv4-mapped IPv6 address as IPv4), on
+/// the stack: a handshake writes two.
+struct IpText {
+    /// The longest form is `ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`.
+    buf: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 /// IPv4, the common case, is written by hand: `Display` cost as much as the rest of the
 /// headers together (callgrind).
-fn ip_text(ip: IpAddr) -> String {
+fn ip_text(ip: IpAddr) -> IpText {
+    let mut text = IpText {
+        buf: [0; 45],
+        len: 0,
+    };
     match ip.to_canonical() {
         IpAddr::V4(v4) => {
-            let mut text = String::with_capacity(15);
+            let mut push = |b: u8| {
+                text.buf[text.len] = b;
+                text.len += 1;
+            };
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    text.push('.');
+                    push(b'.');
                 }
                 if octet >= 100 {
-                    text.push(char::from(b'0' + octet / 100));
+                    push(b'0' + octet / 100);
                 }
                 if octet >= 10 {
-                    text.push(char::from(b'0' + octet / 10 % 10));
+                    push(b'0' + octet / 10 % 10);
                 }
-                text.push(char::from(b'0' + octet % 10));
+                push(b'0' + octet % 10);
             }
-            text
         }
-        v6 => v6.to_string(),
+        v6 => {
+            use std::io::Write as _;
+            let mut rest = &mut text.buf[..];
+            // Cannot fail: the longest address fits.
+            let _ = write!(rest, "{v6}");
+            text.len = 45 - rest.len();
+        }
     }
+    text
 }
 
 /// Where the headers for a backend go: a header map (plain HTTP, sent by awc) or the bytes
@@ -232,13 +260,22 @@ pub fn forward(incoming: &impl Head, fwd: &Forwarded<'_>, out: &mut impl HeaderS
     }
     // nginx's $proxy_add_x_forwarded_for: the list the client sent, then the hop it came
     // from (the client itself unless a trusted balancer is in between).
-    let mut xff = Vec::new();
-    for previous in incoming.values("x-forwarded-for").filter(|v| v.is_ascii()) {
-        xff.extend_from_slice(previous);
-        xff.extend_from_slice(b", ");
+    let peer_ip = ip_text(fwd.peer_ip);
+    let mut previous = incoming
+        .values("x-forwarded-for")
+        .filter(|v| v.is_ascii())
+        .peekable();
+    if previous.peek().is_none() {
+        out.put(X_FORWARDED_FOR.as_str().as_bytes(), peer_ip.as_bytes());
+    } else {
+        let mut xff = Vec::new();
+        for hop in previous {
+            xff.extend_from_slice(hop);
+            xff.extend_from_slice(b", ");
+        }
+        xff.extend_from_slice(peer_ip.as_bytes());
+        out.put(X_FORWARDED_FOR.as_str().as_bytes(), &xff);
     }
-    xff.extend_from_slice(ip_text(fwd.peer_ip).as_bytes());
-    out.put(X_FORWARDED_FOR.as_str().as_bytes(), &xff);
     out.put(
         X_REAL_IP.as_str().as_bytes(),
         ip_text(fwd.client_ip).as_bytes(),
@@ -332,10 +369,12 @@ mod tests {
             "2001:db8::7",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_text(ip), ip.to_string());
+            assert_eq!(ip_text(ip).as_bytes(), ip.to_string().as_bytes());
         }
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
-        assert_eq!(ip_text(mapped), "10.1.2.3");
+        assert_eq!(ip_text(mapped).as_bytes(), b"10.1.2.3");
+        let longest: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap();
+        assert_eq!(ip_text(longest).as_bytes(), longest.to_string().as_bytes());
     }
 
     fn head(pairs: &[(&'static str, &'static str)]) -> actix_http::RequestHead {

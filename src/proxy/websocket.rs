@@ -390,7 +390,12 @@ async fn dial(
         let mut buf = BytesMut::with_capacity(1024);
         loop {
             if let Some(answer) = read_answer(&buf, expected)? {
-                let early = buf.split_off(answer.head_len).freeze();
+                // Split only if frames came behind the 101: splitting allocates.
+                let early = if buf.len() > answer.head_len {
+                    buf.split_off(answer.head_len).freeze()
+                } else {
+                    Bytes::new()
+                };
                 return Ok(BackendAnswer {
                     client_response: answer.client_response,
                     leg: LegIo { io, early },

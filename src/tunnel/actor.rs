@@ -83,13 +83,15 @@ impl Tunnel {
         let registry = Arc::clone(&params.registry);
         let upstream = Arc::clone(&params.upstream);
         let core = Rc::new(RefCell::new(Core::new(client, backend, params)));
-        Tunnel {
+        let tunnel = Tunnel {
             core: Rc::clone(&core),
             registry,
             upstream,
             entry: None,
-        }
-        .start();
+        };
+        // Not `Actor::start`: the address it returns would be dropped at once (the
+        // registry holds the tunnel's one address), and making it costs two allocations.
+        actix_rt::spawn(Context::new().into_future(tunnel));
         Relay::new(core)
     }
 }
@@ -111,10 +113,14 @@ fn beat(core: &mut Core) {
     }
 }
 
-/// The actor's own work, one future polled by its context: the heartbeat on one timer,
-/// re-armed in place, and stopping the actor once the relay is done.
-struct Lifecycle {
-    heartbeat: Pin<Box<Sleep>>,
+pin_project_lite::pin_project! {
+    /// The actor's own work, one future polled by its context: the heartbeat on one
+    /// timer, re-armed in place, and stopping the actor once the relay is done. The timer
+    /// is held inline: the context boxes this future anyway.
+    struct Lifecycle {
+        #[pin]
+        heartbeat: Sleep,
+    }
 }
 
 impl ActorFuture<Tunnel> for Lifecycle {
@@ -126,7 +132,7 @@ impl ActorFuture<Tunnel> for Lifecycle {
         ctx: &mut Context<Tunnel>,
         task: &mut TaskContext<'_>,
     ) -> Poll<()> {
-        let heartbeat = &mut self.get_mut().heartbeat;
+        let mut heartbeat = self.project().heartbeat;
         let mut core = act.core.borrow_mut();
         if core.relay_done {
             ctx.stop();
@@ -167,7 +173,7 @@ impl Actor for Tunnel {
         ));
         let first_beat = self.core.borrow().timers.next_wake();
         ctx.spawn(Lifecycle {
-            heartbeat: Box::pin(tokio::time::sleep_until(first_beat.into())),
+            heartbeat: tokio::time::sleep_until(first_beat.into()),
         });
     }
 
