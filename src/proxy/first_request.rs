@@ -1,9 +1,9 @@
 //! A connection's first request head, read by the gateway itself. Most WebSocket clients
 //! open a connection for the upgrade alone, so an upgrade found here goes straight to the
-//! tunnel path without actix-http's connection dispatcher (whose per-connection setup was
-//! the largest user-space cost of a handshake under callgrind, see BENCHMARKS.md), read in
-//! place as an [`UpgradeHead`]. Anything else is served by actix-http from the first byte: [`Replay`] gives it the
-//! bytes read here before the rest of the connection.
+//! tunnel path, read in place as an [`UpgradeHead`], without actix-http's connection
+//! dispatcher (whose per-connection setup was the largest user-space cost of a handshake
+//! under callgrind, see BENCHMARKS.md). Anything else is served by actix-http from the
+//! first byte: [`Replay`] gives it the bytes read here before the rest of the connection.
 
 use std::io;
 use std::net::SocketAddr;

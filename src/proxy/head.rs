@@ -109,10 +109,10 @@ pub struct UpgradeHead {
 }
 
 impl UpgradeHead {
-    /// Parses `buf`'s head. `None` for anything but a complete WebSocket upgrade request
-    /// that this type can read as actix-http would (other requests, absolute-form targets,
-    /// bytes outside visible ASCII in the target, more than [`MAX_HEADERS`] headers,
-    /// malformed heads): actix-http serves those.
+    /// Parses `buf`'s head, or hands `buf` back for anything but a complete WebSocket
+    /// upgrade request that this type reads as actix-http would (other requests,
+    /// absolute-form targets, bytes outside visible ASCII in the target, more than
+    /// [`MAX_HEADERS`] headers, malformed heads): actix-http serves those.
     pub fn parse(buf: Bytes, peer: Option<SocketAddr>) -> Result<UpgradeHead, Bytes> {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut []);

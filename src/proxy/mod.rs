@@ -1,7 +1,8 @@
 //! The request path: a connection's first request head ([`first_request`]), then a route,
 //! then either the connection taken over for a WebSocket tunnel ([`websocket`]) or a plain
-//! HTTP request forwarded ([`http`], with awc clients from [`upstream_client`]); both send
-//! the same forwarding headers ([`headers`]).
+//! HTTP request forwarded ([`http`], with awc clients from [`upstream_client`]); both read
+//! the request through one interface ([`head`]) and send the same forwarding headers
+//! ([`headers`]).
 
 mod error;
 pub mod first_request;
