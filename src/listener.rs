@@ -357,7 +357,9 @@ async fn serve_connection(
     let (mut io, peer) = front.accept(io, peer).await.ok()?;
     let peer = Some(peer);
     match first_request::read(&mut io, peer, header_timeout).await {
-        FirstRequest::Upgrade(head, early) => websocket::upgrade(&head, io, early, &upgrade).await,
+        FirstRequest::Upgrade(head) => {
+            websocket::upgrade(&head, io, head.after_head(), &upgrade).await
+        }
         FirstRequest::Http(read) => {
             // Boxed, like every rarer branch here: the handshake's future is as large as
             // its largest branch, and it is allocated for every connection.

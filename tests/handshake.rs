@@ -69,6 +69,17 @@ async fn bad_handshakes_get_400_426_and_404_with_a_reason() {
         "{body:?}"
     );
 
+    let (status, _, body) = http(
+        a,
+        &upgrade("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("Sec-WebSocket-Version"),
+        "{body:?}"
+    );
+
     // A key must be 16 bytes in canonical base64: too short, or with bits set past them.
     for key in ["c2hvcnQ=", "dGhlIHNhbXBsZSBub25jZR=="] {
         let (status, _, body) = http(

@@ -23,8 +23,8 @@ const FIRST_READ: usize = 2048;
 
 /// What the first request turned out to be.
 pub enum FirstRequest {
-    /// A WebSocket upgrade: its head, and the bytes that followed it.
-    Upgrade(UpgradeHead, Bytes),
+    /// A WebSocket upgrade: its head (which also holds the bytes that followed it).
+    Upgrade(UpgradeHead),
     /// Anything else, for actix-http: the bytes read so far, to replay.
     Http(Bytes),
     /// Answered here (408, 431) or the client left.
@@ -84,10 +84,7 @@ pub async fn read(
 /// goes to actix-http as bytes.
 fn classify(buf: Bytes, peer: Option<SocketAddr>) -> FirstRequest {
     match UpgradeHead::parse(buf, peer) {
-        Ok(head) => {
-            let early = head.after_head();
-            FirstRequest::Upgrade(head, early)
-        }
+        Ok(head) => FirstRequest::Upgrade(head),
         Err(buf) => FirstRequest::Http(buf),
     }
 }
@@ -157,11 +154,11 @@ mod tests {
     #[test]
     fn an_upgrade_is_taken_with_the_bytes_after_it_and_anything_else_left_whole() {
         let upgrade = "GET /chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n\x01\x00";
-        let FirstRequest::Upgrade(head, early) = classify(Bytes::from(upgrade), None) else {
+        let FirstRequest::Upgrade(head) = classify(Bytes::from(upgrade), None) else {
             panic!("not taken as an upgrade");
         };
         assert_eq!(crate::proxy::Head::path(&head), "/chat");
-        assert_eq!(&early[..], b"\x01\x00");
+        assert_eq!(&head.after_head()[..], b"\x01\x00");
         let plain = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         match classify(Bytes::from(plain), None) {
             FirstRequest::Http(bytes) => assert_eq!(&bytes[..], plain.as_bytes()),

@@ -121,14 +121,14 @@ impl UpgradeHead {
         else {
             return Err(buf);
         };
+        let upgrade_values = parsed
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("upgrade"))
+            .map(|h| h.value);
         let is_upgrade = parsed.method == Some("GET")
             && parsed.version == Some(1)
-            && parsed.headers.iter().any(|h| {
-                h.name.eq_ignore_ascii_case("upgrade")
-                    && h.value
-                        .split(|&b| b == b',')
-                        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"websocket"))
-            });
+            && super::headers::has_token(upgrade_values, b"websocket");
         let Some(target) = parsed
             .path
             .filter(|target| is_upgrade && is_origin_form(target))
@@ -266,6 +266,17 @@ mod tests {
                 Ok(_) => panic!("{head:?} was taken as an upgrade"),
             }
         }
+        // One header more than the limit goes to actix-http, which decides.
+        let crowded = format!(
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\n{}\r\n",
+            "X-A: 1\r\n".repeat(MAX_HEADERS)
+        );
+        assert!(parsed(&crowded).is_err_and(|bytes| bytes.len() == crowded.len()));
+        let full = format!(
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\n{}\r\n",
+            "X-A: 1\r\n".repeat(MAX_HEADERS - 1)
+        );
+        assert!(parsed(&full).is_ok());
     }
 
     #[test]

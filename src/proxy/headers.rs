@@ -54,13 +54,23 @@ pub struct Forwarded<'a> {
     pub host_override: Option<&'a str>,
 }
 
-/// The tokens of a message's `Connection` header values: the headers they name are
-/// hop-by-hop for that message.
-fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> SmallVec<[&'a [u8]; 4]> {
+/// The elements of a comma-separated header list (RFC 9110 §5.6.1) over all of the
+/// header's values, trimmed; empty elements included.
+pub fn list_elements<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
     values
         .flat_map(|v| v.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .collect()
+}
+
+/// Whether a header list (all of the header's values) has `token`, in any case.
+pub fn has_token<'a>(values: impl Iterator<Item = &'a [u8]>, token: &[u8]) -> bool {
+    list_elements(values).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The tokens of a message's `Connection` header values: the headers they name are
+/// hop-by-hop for that message.
+fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> SmallVec<[&'a [u8]; 4]> {
+    list_elements(values).collect()
 }
 
 /// The one rule for both directions: hop-by-hop headers (the fixed ones and those the
@@ -94,10 +104,7 @@ fn is_permessage_deflate(element: &[u8]) -> bool {
 fn extension_elements<'a>(
     values: impl Iterator<Item = &'a [u8]>,
 ) -> impl Iterator<Item = &'a [u8]> {
-    values
-        .flat_map(|v| v.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|e| !e.is_empty())
+    list_elements(values).filter(|e| !e.is_empty())
 }
 
 /// The client's permessage-deflate offers (RFC 7692) among its `Sec-WebSocket-Extensions`

@@ -219,11 +219,9 @@ fn real_client(peer: IpAddr, head: &impl Head, trusted: &[ipnet::IpNet]) -> IpAd
     if !is_trusted(&peer) {
         return peer;
     }
-    let hops: Vec<IpAddr> = head
-        .values("x-forwarded-for")
+    let hops: Vec<IpAddr> = headers::list_elements(head.values("x-forwarded-for"))
         .filter_map(ascii_text)
-        .flat_map(|v| v.split(','))
-        .filter_map(|hop| hop.trim().parse().ok())
+        .filter_map(|hop| hop.parse().ok())
         .collect();
     let mut client = peer;
     for hop in hops.into_iter().rev() {

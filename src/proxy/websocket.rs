@@ -239,20 +239,15 @@ async fn accept(req: &impl Head, ctx: &UpgradeContext) -> Result<Accepted, Proxy
 /// Checks an upgrade request (RFC 6455 §4.2.1) and returns its `Sec-WebSocket-Key`.
 fn checked_key(req: &impl Head) -> Result<&[u8], ProxyError> {
     use base64::Engine as _;
-    let tokens = |name| {
-        req.values(name)
-            .flat_map(|v| v.split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-    };
     if req.method() != "GET" {
         return Err(ProxyError::BadUpgrade("the method must be GET"));
     }
-    if !tokens("upgrade").any(|t| t.eq_ignore_ascii_case(b"websocket")) {
+    if !headers::has_token(req.values("upgrade"), b"websocket") {
         return Err(ProxyError::BadUpgrade(
             "the Upgrade header must be \"websocket\"",
         ));
     }
-    if !tokens("connection").any(|t| t.eq_ignore_ascii_case(b"upgrade")) {
+    if !headers::has_token(req.values("connection"), b"upgrade") {
         return Err(ProxyError::BadUpgrade(
             "the Connection header must include \"upgrade\"",
         ));
@@ -266,6 +261,7 @@ fn checked_key(req: &impl Head) -> Result<&[u8], ProxyError> {
         Some(b"13") => {}
         Some(_) => return Err(ProxyError::UnsupportedVersion),
     }
+    // Room for what base64 estimates 24 characters decode to (18); a key must give 16.
     let mut nonce = [0u8; 18];
     match req.value("sec-websocket-key") {
         Some(key)
