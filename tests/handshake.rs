@@ -194,6 +194,37 @@ async fn a_backup_takes_tunnels_only_when_the_other_servers_cannot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_host_gets_the_host_of_each_server_tried() {
+    use tokio::io::AsyncWriteExt;
+    let live = WsBackend::start("live", Behavior::Echo).await;
+    // Round-robin tries the dead server first, with a request naming it; the live one
+    // must get a request naming the live server, not one that still names the first.
+    let gw = gateway(&simple_config(2, ""), &[dead_port(), live.addr]);
+    let mut stream = tokio::net::TcpStream::connect(addr(&gw)).await.unwrap();
+    stream
+        .write_all(
+            b"GET /no-host HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let seen = live.last();
+    assert_eq!(seen.path, "/no-host");
+    assert_eq!(
+        seen.headers.get("host").map(String::as_str),
+        Some(live.addr.to_string().as_str()),
+        "the Host written for the live server: {:?}",
+        seen.headers
+    );
+    assert_eq!(
+        seen.headers.get("sec-websocket-key").map(String::as_str),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_servers_down_is_502() {
     let gw = gateway(&simple_config(2, ""), &[dead_port(), dead_port()]);
     let (status, body) = refused_status(&format!("ws://{}/", addr(&gw))).await;

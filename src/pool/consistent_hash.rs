@@ -9,6 +9,9 @@
 //! `>= crc32(key)`, wrapping to the start. The ring depends only on the configuration, so
 //! every replica, process and run agrees.
 
+use smallvec::SmallVec;
+
+use super::Order;
 use crate::config::defaults::KETAMA_POINTS_PER_WEIGHT;
 
 #[derive(Debug)]
@@ -49,14 +52,14 @@ impl KetamaRing {
 
     /// Server indices for `key`: its ring successor first, then the next distinct servers
     /// walking the ring (nginx's order when a server fails).
-    pub fn order(&self, key: &[u8]) -> Vec<usize> {
-        let mut out = Vec::with_capacity(self.servers);
+    pub fn order(&self, key: &[u8]) -> Order {
+        let mut out = Order::new();
         if self.points.is_empty() {
             return out;
         }
         let hash = crc32fast::hash(key);
         let start = self.points.partition_point(|p| p.0 < hash);
-        let mut seen = vec![false; self.servers];
+        let mut seen: SmallVec<[bool; 16]> = smallvec::smallvec![false; self.servers];
         for k in 0..self.points.len() {
             let server = self.points[(start + k) % self.points.len()].1;
             if !seen[server] {

@@ -15,7 +15,16 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
+
 use crate::config::{Balance, ServerConfig, UpstreamConfig};
+
+/// Positions of servers in a balancer's list, in the order to try them: on the stack for
+/// the pools of up to 8 servers that most upstreams are, since one is made per handshake.
+pub type Order = SmallVec<[usize; 8]>;
+
+/// The servers to try for one new connection, best first (see [`Pool::candidates`]).
+pub type Candidates = SmallVec<[Arc<Server>; 4]>;
 
 pub use consistent_hash::KetamaRing;
 pub use round_robin::SmoothWeightedRoundRobin;
@@ -210,10 +219,10 @@ impl Pool {
     /// servers out of rotation (health checks) or at their `max_connections` are left out.
     /// A consistent-hash pool hashes `key` (the request's value of its `hash_key`) or,
     /// without one, the client.
-    pub fn candidates(&self, client: IpAddr, key: Option<&[u8]>) -> Vec<Arc<Server>> {
+    pub fn candidates(&self, client: IpAddr, key: Option<&[u8]>) -> Candidates {
         let n = self.primary.len();
         // Positions in `primary`.
-        let order: Vec<usize> = match &self.balancer {
+        let order: Order = match &self.balancer {
             Balancer::RoundRobin(rr) => rr.order(),
             Balancer::ConsistentHash(ring) => {
                 let order = match key {
@@ -227,10 +236,10 @@ impl Pool {
             }
             Balancer::LeastConn(cursor) => {
                 let start = cursor.fetch_add(1, Ordering::Relaxed);
-                let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
+                let mut order: Order = (0..n).map(|k| (start + k) % n).collect();
                 // Load relative to weight (live_a / w_a < live_b / w_b, cross-multiplied);
                 // the sort is stable, so ties keep the rotated order.
-                let live: Vec<u64> = self
+                let live: SmallVec<[u64; 8]> = self
                     .primary
                     .iter()
                     .map(|&i| self.servers[i].live_tunnels() as u64)
@@ -241,7 +250,7 @@ impl Pool {
             }
         };
         let backups = if self.backup.is_empty() {
-            Vec::new()
+            Order::new()
         } else {
             self.backup_rotation.order()
         };
@@ -267,14 +276,13 @@ impl Pool {
     /// `hash_balance_factor`): servers already holding more than `percent`% of the average
     /// (counting the new tunnel) go to the back of the ring order, so keys stay sticky
     /// while their server is under the bound and move to the next ring server when not.
-    fn bounded(&self, order: Vec<usize>, percent: u32) -> Vec<usize> {
+    fn bounded(&self, order: Order, percent: u32) -> Order {
         let live = |k: usize| self.servers[self.primary[k]].live_tunnels();
         let total: usize = (0..self.primary.len()).map(live).sum();
         let n = self.primary.len().max(1);
         // ceil(factor × (total + 1) / n)
         let bound = ((total + 1) * percent as usize).div_ceil(n * 100);
-        let (under, over): (Vec<usize>, Vec<usize>) =
-            order.into_iter().partition(|&k| live(k) < bound);
+        let (under, over): (Order, Order) = order.into_iter().partition(|&k| live(k) < bound);
         under.into_iter().chain(over).collect()
     }
 }

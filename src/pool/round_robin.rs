@@ -3,6 +3,8 @@
 
 use std::sync::Mutex;
 
+use super::Order;
+
 #[derive(Debug)]
 pub struct SmoothWeightedRoundRobin {
     weights: Vec<i64>,
@@ -23,7 +25,7 @@ impl SmoothWeightedRoundRobin {
     }
 
     /// Picks the next server, then the rest in configuration order after it.
-    pub fn order(&self) -> Vec<usize> {
+    pub fn order(&self) -> Order {
         let n = self.weights.len();
         let first = {
             // A poisoned lock only means another thread panicked mid-pick; the weights
@@ -67,7 +69,7 @@ mod tests {
     #[test]
     fn fallback_order_continues_after_the_pick() {
         let rr = SmoothWeightedRoundRobin::new([1, 1, 1]);
-        assert_eq!(rr.order(), [0, 1, 2]);
-        assert_eq!(rr.order(), [1, 2, 0]);
+        assert_eq!(rr.order().as_slice(), [0, 1, 2]);
+        assert_eq!(rr.order().as_slice(), [1, 2, 0]);
     }
 }

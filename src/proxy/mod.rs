@@ -114,10 +114,7 @@ impl Matched {
     /// The servers to try for this request, best first (a consistent-hash upstream hashes
     /// the request's value of its `hash_key`, the client's address without one), or why
     /// there is none: every server out of rotation, or every one in it full.
-    pub fn candidates(
-        &self,
-        head: &impl Head,
-    ) -> Result<Vec<Arc<crate::pool::Server>>, ProxyError> {
+    pub fn candidates(&self, head: &impl Head) -> Result<crate::pool::Candidates, ProxyError> {
         let pool = &self.route.pool;
         let servers = pool.candidates(self.client_ip, hash_value(&pool.config.hash_key, head));
         if !servers.is_empty() {

@@ -153,8 +153,13 @@ async fn accept(req: &impl Head, ctx: &UpgradeContext) -> Result<Accepted, Proxy
         }
     }
     let permits = permits(&ctx.shared, &matched)?;
-    // The forwarded headers as they will be written, once for every server tried.
-    let mut to_backend = Vec::with_capacity(512);
+    // The upgrade request is written once, for every server tried: the request line, the
+    // forwarded headers, then the upgrade headers with the client's key. Only the Host
+    // header of a client that sent none names the server, so it goes last.
+    let mut request = Vec::with_capacity(1024);
+    request.extend_from_slice(b"GET ");
+    request.extend_from_slice(matched.backend_path.as_bytes());
+    request.extend_from_slice(b" HTTP/1.1\r\n");
     let host_put = headers::forward(
         req,
         &Forwarded {
@@ -164,7 +169,7 @@ async fn accept(req: &impl Head, ctx: &UpgradeContext) -> Result<Accepted, Proxy
             host: req.value("host"),
             host_override: route.config.host_header.as_deref(),
         },
-        &mut to_backend,
+        &mut request,
     );
     // Frames cross the gateway as they came, so a compression the two ends agree on works
     // end to end; only permessage-deflate is offered (see `headers::deflate_offers`).
@@ -173,8 +178,14 @@ async fn accept(req: &impl Head, ctx: &UpgradeContext) -> Result<Accepted, Proxy
         .then(|| headers::deflate_offers(req.values("sec-websocket-extensions")))
         .flatten();
     if let Some(offers) = &offers {
-        headers::put_header(&mut to_backend, b"sec-websocket-extensions", offers);
+        headers::put_header(&mut request, b"sec-websocket-extensions", offers);
     }
+    request.extend_from_slice(
+        b"connection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: ",
+    );
+    request.extend_from_slice(key);
+    request.extend_from_slice(b"\r\n");
+    let for_every_server = request.len();
     let expected = Expected {
         accept_key: &accept_key,
         deflate_offered: offers.is_some(),
@@ -184,8 +195,12 @@ async fn accept(req: &impl Head, ctx: &UpgradeContext) -> Result<Accepted, Proxy
     let candidates = matched.candidates(req)?;
     let upstream_config = &route.pool.config;
     for server in candidates {
-        let host = (!host_put).then(|| authority(&server.config.host, server.config.port));
-        let request = upgrade_request(&matched.backend_path, host.as_deref(), &to_backend, key);
+        request.truncate(for_every_server);
+        if !host_put {
+            let host = authority(&server.config.host, server.config.port);
+            headers::put_header(&mut request, b"host", host.as_bytes());
+        }
+        request.extend_from_slice(b"\r\n");
         match dial(&server, tls, &request, &expected, &settings).await {
             Ok(answer) => {
                 server.record_success();
@@ -287,7 +302,7 @@ fn permits(shared: &Shared, matched: &super::Matched) -> Result<Permits, ProxyEr
     ) else {
         return Err(ProxyError::TooManyFromAddress);
     };
-    let Some(total) = limits.total.acquire((), gateway.max_connections) else {
+    let Some(total) = limits.total.acquire(gateway.max_connections) else {
         return Err(ProxyError::Busy("gateway max_connections"));
     };
     let Some(route) = limits.per_route.acquire(
@@ -301,26 +316,6 @@ fn permits(shared: &Shared, matched: &super::Matched) -> Result<Permits, ProxyEr
         _route: route,
         _ip: ip,
     })
-}
-
-/// The upgrade request for one server: the request line, a Host header if the client
-/// sent none (`host`), the forwarded headers as [`headers::forward`] wrote them, then the
-/// upgrade headers with the client's key.
-fn upgrade_request(path: &str, host: Option<&str>, forwarded: &[u8], key: &[u8]) -> Vec<u8> {
-    let mut request = Vec::with_capacity(forwarded.len() + 256);
-    request.extend_from_slice(b"GET ");
-    request.extend_from_slice(path.as_bytes());
-    request.extend_from_slice(b" HTTP/1.1\r\n");
-    if let Some(host) = host {
-        headers::put_header(&mut request, b"host", host.as_bytes());
-    }
-    request.extend_from_slice(forwarded);
-    request.extend_from_slice(
-        b"connection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: ",
-    );
-    request.extend_from_slice(key);
-    request.extend_from_slice(b"\r\n\r\n");
-    request
 }
 
 /// What a backend's answer must agree with.

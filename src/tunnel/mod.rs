@@ -58,7 +58,9 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Registry {
     next_id: AtomicU64,
-    tunnels: DashMap<u64, Entry>,
+    /// Keyed by the registry's own sequence numbers, which no client chooses: foldhash
+    /// rather than SipHash, for an insert and a remove on every tunnel.
+    tunnels: DashMap<u64, Entry, foldhash::fast::RandomState>,
 }
 
 impl Registry {
