@@ -24,6 +24,9 @@ use crate::config::{Balance, ServerConfig, UpstreamConfig};
 pub type Order = SmallVec<[usize; 8]>;
 
 /// The servers to try for one new connection, best first (see [`Pool::candidates`]).
+/// Room for 4 rather than [`Order`]'s 8: the list lives in the handshake's future across
+/// every dial, and that future is allocated per connection; a larger pool spills to the
+/// heap, as every pool did before.
 pub type Candidates = SmallVec<[Arc<Server>; 4]>;
 
 pub use consistent_hash::KetamaRing;
