@@ -22,7 +22,7 @@ use crate::proxy::first_request::{self, FirstRequest, Replay};
 use crate::proxy::websocket::{self, UpgradeContext};
 use crate::proxy::{self, ListenerInfo, Shared, UpstreamClients};
 use crate::tls::{self, CertResolver};
-use crate::tunnel::{Io, Relay};
+use crate::tunnel::{Io, TunnelTask};
 
 /// Connections the kernel queues for a listener before the workers accept them (capped by
 /// `net.core.somaxconn`): a burst of clients reconnecting at once must not be refused.
@@ -316,8 +316,8 @@ impl Worker {
                     Ok((io, peer)) => {
                         // Boxed: the handshake's state (and its handles on this worker's
                         // services) lives only until the upgrade is answered; the task
-                        // then holds nothing but the tunnel's small relay, for the
-                        // tunnel's whole life.
+                        // then holds nothing but the tunnel (its actor's context and its
+                        // relay), for the tunnel's whole life.
                         let handshake = Box::pin(serve_connection(
                             io,
                             peer,
@@ -328,7 +328,7 @@ impl Worker {
                         ));
                         // Chained, not an async block: a task's allocation is sized by
                         // its future's largest state, and an async block keeps the
-                        // handshake's `Option<Relay>` beside the relay moved out of it
+                        // handshake's `Option<TunnelTask>` beside the relay moved out of it
                         // (240 bytes: a 384-byte task per tunnel, 256 this way).
                         actix_rt::spawn(handshake.then(OptionFuture::from));
                     }
@@ -344,8 +344,8 @@ impl Worker {
 }
 
 /// One accepted connection up to its tunnel: the PROXY header and TLS, the first request,
-/// then either the WebSocket upgrade (which returns the tunnel's relay, for the caller's
-/// task to run) or plain HTTP until the connection ends.
+/// then either the WebSocket upgrade (which returns the tunnel, for the caller's task to
+/// run) or plain HTTP until the connection ends.
 async fn serve_connection(
     io: TcpStream,
     peer: SocketAddr,
@@ -353,7 +353,7 @@ async fn serve_connection(
     service: Rc<impl Service<(Replay, Option<SocketAddr>)>>,
     upgrade: Rc<UpgradeContext>,
     header_timeout: Duration,
-) -> Option<Relay> {
+) -> Option<TunnelTask> {
     let (mut io, peer) = front.accept(io, peer).await.ok()?;
     let peer = Some(peer);
     match first_request::read(&mut io, peer, header_timeout).await {

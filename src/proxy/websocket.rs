@@ -29,7 +29,7 @@ use crate::config::TunnelSettings;
 use crate::limits::Permits;
 use crate::metrics;
 use crate::pool::Server;
-use crate::tunnel::{ClientAddr, Io, LegIo, Relay, Tunnel, TunnelParams};
+use crate::tunnel::{ClientAddr, Io, LegIo, Tunnel, TunnelParams, TunnelTask};
 
 /// A backend answer or a refusal has to reach the client within this time, or the client
 /// is not reading and is dropped.
@@ -68,23 +68,23 @@ pub async fn serve_upgrade<T: Io>(
     // Only the socket and the bytes already read from it are kept; the HTTP codec, its
     // buffers and the request are dropped before the tunnel's long life begins.
     let actix_codec::FramedParts { io, read_buf, .. } = framed.into_parts();
-    if let Some(relay) = upgrade(req.head(), Box::new(io), read_buf.freeze(), &ctx).await {
+    if let Some(tunnel) = upgrade(req.head(), Box::new(io), read_buf.freeze(), &ctx).await {
         // A task of its own: actix-http's connection future, which would hold this one,
         // is large and would stay allocated for the tunnel's whole life.
-        actix_rt::spawn(relay);
+        actix_rt::spawn(tunnel);
     }
     Ok(())
 }
 
 /// Answers a WebSocket upgrade on the client's raw connection (`early`: bytes that came
-/// after the request head), then starts the tunnel: returns its relay, for the caller to
+/// after the request head), then starts the tunnel: returns it, for the caller's task to
 /// run (`None`: the upgrade was refused or the client left).
 pub async fn upgrade(
     req: &impl Head,
     mut client: Box<dyn Io>,
     early: Bytes,
     ctx: &UpgradeContext,
-) -> Option<Relay> {
+) -> Option<TunnelTask> {
     let started = std::time::Instant::now();
     let outcome = match ctx.listener.redirect_https {
         Some(port) => Err(super::redirect(req, port)),

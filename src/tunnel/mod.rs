@@ -2,9 +2,9 @@
 //! backend leg and owning the connection's whole life.
 //!
 //! Lifecycle: the proxy dials the backend and answers the client's upgrade
-//! ([`crate::proxy`]), then [`Tunnel::start`] spawns the tunnel's actor on the accepting
-//! worker with both raw sockets and hands back its relay, which the connection's task runs
-//! from then on. The relay ([`relay`]) forwards frames as they came ([`pump`], on [`wire`]
+//! ([`crate::proxy`]), then [`Tunnel::start`] makes the tunnel's actor and relay from both
+//! raw sockets, as one future ([`TunnelTask`]) that the connection's task runs from then
+//! on. The relay ([`relay`]) forwards frames as they came ([`pump`], on [`wire`]
 //! headers), holds back a fast sender while the other leg is slow, and ends with a close
 //! frame to each leg that can still take one ([`ending`] says which); the actor
 //! ([`actor`]) pings both legs ([`heartbeat`]) and owns the tunnel's life. [`Registry`]
@@ -24,9 +24,9 @@ use std::time::Duration;
 use actix::Recipient;
 use dashmap::DashMap;
 
-pub use actor::{End, Tunnel, TunnelParams};
+pub use actor::{End, Tunnel, TunnelParams, TunnelTask};
 pub use ending::Ending;
-pub use relay::{ClientAddr, Io, LegIo, Relay};
+pub use relay::{ClientAddr, Io, LegIo};
 
 use crate::pool::Server;
 

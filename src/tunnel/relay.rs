@@ -6,10 +6,11 @@
 //! back-pressure reaches the sender.
 //!
 //! The relay state ([`Core`]) is shared with the tunnel's actor ([`super::actor`]), which
-//! owns the lifecycle: its heartbeat timer and `End` messages change the state and wake
-//! the relay, and it stops once the relay is done. A wake-up of the relay polls only the
-//! relay, not the actor's mailbox and timers, and turns only the legs whose readiness can
-//! have changed: each leg's IO registers a waker of its own ([`LegWakers`]).
+//! owns the lifecycle: its heartbeat timer and `End` messages change the state, and it
+//! stops once the relay is done. Both run in one task ([`super::TunnelTask`]), which polls
+//! the actor only when the actor's own waker fired, and the relay after it. A wake-up of
+//! the relay turns only the legs whose readiness can have changed: each leg's IO
+//! registers a waker of its own ([`LegWakers`]).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -82,13 +83,39 @@ enum Turn {
     Unfinished,
 }
 
-/// Wakes the relay's task for one leg's IO, noting first that this leg woke it.
-struct LegWaker {
+/// Wakes a task for one of the things it polls (a leg's IO, the actor), noting first that
+/// this one woke it: the task then polls only what can have work.
+pub(super) struct FlagWaker {
     woke: AtomicBool,
     task: Waker,
 }
 
-impl Wake for LegWaker {
+impl FlagWaker {
+    pub(super) fn new(task: &Waker) -> Arc<FlagWaker> {
+        Arc::new(FlagWaker {
+            woke: AtomicBool::new(false),
+            task: task.clone(),
+        })
+    }
+
+    /// Whether this wakes `task`.
+    pub(super) fn wakes(&self, task: &Waker) -> bool {
+        self.task.will_wake(task)
+    }
+
+    /// Whether it fired since the last call. A load, and a store only where it found one,
+    /// rather than a locked swap per poll: a wake landing in between is not lost, as
+    /// what it stands for is polled after this anyway.
+    pub(super) fn take(&self) -> bool {
+        let woke = self.woke.load(Ordering::Acquire);
+        if woke {
+            self.woke.store(false, Ordering::Relaxed);
+        }
+        woke
+    }
+}
+
+impl Wake for FlagWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
@@ -104,7 +131,7 @@ impl Wake for LegWaker {
 /// readiness check, a mutex in tokio, per wake-up for nothing).
 struct LegWakers {
     /// Read for the flags.
-    legs: [Arc<LegWaker>; 2],
+    legs: [Arc<FlagWaker>; 2],
     /// The same two as `Waker`s, made once: making one per poll would change the `Arc`'s
     /// count (a locked instruction) twice per leg and poll.
     wakers: [Waker; 2],
@@ -112,13 +139,7 @@ struct LegWakers {
 
 impl LegWakers {
     fn new(task: &Waker) -> LegWakers {
-        let leg = || {
-            Arc::new(LegWaker {
-                woke: AtomicBool::new(false),
-                task: task.clone(),
-            })
-        };
-        let legs = [leg(), leg()];
+        let legs = [FlagWaker::new(task), FlagWaker::new(task)];
         let wakers = [Waker::from(legs[0].clone()), Waker::from(legs[1].clone())];
         LegWakers { legs, wakers }
     }
@@ -130,20 +151,12 @@ impl LegWakers {
 
     /// Whether these wakers wake `task`.
     fn wakes(&self, task: &Waker) -> bool {
-        self.legs[0].task.will_wake(task)
+        self.legs[0].wakes(task)
     }
 
-    /// Which legs woke the task since the last call. A load, and a store only where it
-    /// found one, rather than a locked swap per leg and poll: a wake landing in between
-    /// is not lost, as that leg's IO is polled after this anyway.
+    /// Which legs woke the task since the last call.
     fn take_woke(&self) -> [bool; 2] {
-        self.legs.each_ref().map(|leg| {
-            let woke = leg.woke.load(Ordering::Acquire);
-            if woke {
-                leg.woke.store(false, Ordering::Relaxed);
-            }
-            woke
-        })
+        self.legs.each_ref().map(|leg| leg.take())
     }
 }
 
@@ -180,14 +193,11 @@ pub struct Core {
     /// The close handshake started (a Close went through, or the gateway is ending the
     /// tunnel): the relay's close deadline runs, and the heartbeat stops.
     pub(super) closing: bool,
-    /// The waker of the task running the relay, for the actor's handlers (pings, `End`).
-    relay_waker: Option<Waker>,
     /// Something besides a leg's IO changed the relay's work (the actor queued frames or
-    /// ended the tunnel, the relay yielded): the next wake-up turns both legs.
+    /// ended the tunnel, the relay yielded): the next poll turns both legs.
     turn_both: bool,
-    /// The relay is done: the actor stops when it sees this (its waker is `actor_waker`).
+    /// The relay is done: the actor stops when it sees this.
     pub(super) relay_done: bool,
-    pub(super) actor_waker: Option<Waker>,
     /// Set when a leg's turn changed what the other leg has to do (close frames queued,
     /// a leg gone), so the relay turns both legs again before it waits.
     revisit: bool,
@@ -242,10 +252,8 @@ impl Core {
                 s.idle_timeout,
             ),
             closing: false,
-            relay_waker: None,
             turn_both: true,
             relay_done: false,
-            actor_waker: None,
             revisit: false,
             lease: params.lease,
             client_addr: params.client_addr,
@@ -508,13 +516,6 @@ impl Core {
                 break;
             }
             if !self.revisit {
-                if !self
-                    .relay_waker
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    self.relay_waker = Some(cx.waker().clone());
-                }
                 return Poll::Pending;
             }
             turn = [true, true];
@@ -567,11 +568,10 @@ impl Core {
         }
     }
 
-    pub(super) fn wake_relay(&mut self) {
+    /// The relay's next poll turns both legs. No wake-up is needed: the actor, whose
+    /// handlers call this, runs in the relay's task, which polls the relay right after it.
+    pub(super) fn turn_both_legs(&mut self) {
         self.turn_both = true;
-        if let Some(waker) = &self.relay_waker {
-            waker.wake_by_ref();
-        }
     }
 
     /// Queues one of the gateway's own frames toward `leg` (masked toward the backend, as
@@ -630,7 +630,7 @@ impl Core {
             self.eof[leg as usize] = true;
         }
         self.closing = true;
-        self.wake_relay();
+        self.turn_both_legs();
     }
 
     /// The access log line and the debug line of a tunnel that ended.
@@ -662,7 +662,8 @@ impl Drop for Core {
 /// or the close deadline passed), at which point the actor stops too.
 pub struct Relay {
     core: Rc<RefCell<Core>>,
-    /// Armed when the close handshake starts: the tunnel ends at the latest then.
+    /// Armed when the close handshake starts: the tunnel ends at the latest then. Boxed,
+    /// only then: inline, every idle tunnel would carry the timer's 112 bytes.
     close_deadline: Option<Pin<Box<Sleep>>>,
     slow_deadline: [Option<SlowDeadline>; 2],
     /// Built at the first poll, for the task that polls the relay.
@@ -749,7 +750,9 @@ impl Future for Relay {
             {
                 tracing::debug!(client = %core.client_addr, "close handshake timed out");
                 done = true;
-            } else if check_slow_legs(slow_deadline, &mut core, cx) {
+            } else if core.slow_consumer_timeout.is_some()
+                && check_slow_legs(slow_deadline, &mut core, cx)
+            {
                 // The failed leg's close frame goes out on the next poll.
                 cx.waker().wake_by_ref();
             }
@@ -758,9 +761,6 @@ impl Future for Relay {
             return Poll::Pending;
         }
         core.relay_done = true;
-        if let Some(actor) = core.actor_waker.take() {
-            actor.wake();
-        }
         Poll::Ready(())
     }
 }
