@@ -173,6 +173,32 @@ async fn a_down_server_is_skipped_for_the_next_one() {
     assert_eq!(live.handshakes(), 4);
 }
 
+/// A server named by a host name rather than an IP address is looked up on every dial,
+/// and each of its addresses is tried in turn (`localhost` may come first as `::1`, where
+/// nothing listens: the IPv4 address after it takes the tunnel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_named_by_host_name_is_looked_up_and_dialled() {
+    let live = WsBackend::start("live", Behavior::Echo).await;
+    let by_name = simple_config(1, "").replace(
+        "\"{BACKEND_1}\"",
+        &format!("\"localhost:{}\"", live.addr.port()),
+    );
+    let gw = gateway(&by_name, &[]);
+    for _ in 0..2 {
+        assert_eq!(whoami_at(&format!("ws://{}/", addr(&gw))).await, "live");
+    }
+    assert_eq!(live.handshakes(), 2);
+    // Every address of the name refuses: a failed dial, 502 (`/etc/hosts` answers for
+    // `localhost`: no lookup leaves the machine).
+    let refusing = simple_config(1, "").replace(
+        "\"{BACKEND_1}\"",
+        &format!("\"localhost:{}\"", dead_port().port()),
+    );
+    let gw = gateway(&refusing, &[]);
+    let (status, _) = refused_status(&format!("ws://{}/", addr(&gw))).await;
+    assert_eq!(status, 502);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_takes_tunnels_only_when_the_other_servers_cannot() {
     let primary = WsBackend::start("primary", Behavior::Echo).await;

@@ -9,7 +9,7 @@
 mod consistent_hash;
 mod round_robin;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -39,6 +39,9 @@ pub struct Server {
     /// The endpoint (address, host, port, TLS) as first configured. A reload that keeps the
     /// server keeps this too: its weight and role now are in the pool's `config.servers`.
     pub config: ServerConfig,
+    /// The server's socket address when its host is an IP address, parsed once: such a
+    /// server is dialled without a name lookup.
+    pub address: Option<SocketAddr>,
     /// Tunnels currently open to this server, across all workers.
     live_tunnels: AtomicUsize,
     /// Passive health: failures in the current window, the window's start, and until when
@@ -60,8 +63,14 @@ fn now_ms() -> u64 {
 
 impl Server {
     pub fn new(config: ServerConfig) -> Self {
+        let address = config
+            .host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, config.port));
         Server {
             config,
+            address,
             live_tunnels: AtomicUsize::new(0),
             fails: AtomicU32::new(0),
             window_start_ms: AtomicU64::new(0),
