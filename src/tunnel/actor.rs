@@ -4,18 +4,18 @@
 //! pings both legs on its heartbeat timer, fails a leg that stops answering or a tunnel
 //! that stays idle, and stops once the relay is done, writing the access log line. The
 //! bytes themselves go through the [`Relay`], which shares the tunnel's state ([`Core`])
-//! with the actor. Actor and relay are one future, [`TunnelTask`], run by the task that
-//! accepted the connection: the actor's context is polled only when its own waker fired
-//! (mailbox, timers), so the relay's wake-ups do not go through the actor's mailbox and
-//! timers, and the actor's handlers change the state that the relay's poll, right after,
-//! acts on.
+//! with the actor and runs the actor's context in its own task ([`TunnelTask`], run by
+//! the task that accepted the connection): the context is polled only when its own waker
+//! fired (mailbox, timers), so the relay's wake-ups do not go through the actor's mailbox
+//! and timers, and the actor's handlers change the state that the relay's poll, right
+//! after, acts on.
 
 use std::cell::RefCell;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::task::{Context as TaskContext, Poll, Waker};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use actix::dev::ContextFut;
@@ -27,7 +27,7 @@ use tokio::time::Sleep;
 
 use super::ending::{Ending, HEARTBEAT_PAYLOAD};
 use super::heartbeat::TimerEvent;
-use super::relay::{ClientAddr, Core, FlagWaker, LegIo, Relay};
+use super::relay::{ClientAddr, Core, LegIo, Relay};
 use super::wire::OP_PING;
 use super::{Leg, Registry, RegistryEntry};
 
@@ -91,94 +91,18 @@ impl Tunnel {
             upstream,
             entry: None,
         };
-        TunnelTask {
-            // Not `Actor::start`: that spawns a task of its own and makes an address
-            // nobody keeps (the registry holds the tunnel's one address).
-            actor: Some(Box::new(Context::new().into_future(tunnel))),
-            actor_waker: None,
-            relay: Relay::new(core),
-        }
+        // Not `Actor::start`: that spawns a task of its own and makes an address nobody
+        // keeps (the registry holds the tunnel's one address). The relay runs the
+        // actor's context in its own task instead: a spawn, two task polls and a wake-up
+        // across tasks less per tunnel. Boxed: the context is large (384 bytes), and the
+        // tunnel is moved a few times on its way into the connection's task (callgrind:
+        // the copies cost more than the allocation).
+        Relay::new(core, Box::new(Context::new().into_future(tunnel)))
     }
 }
 
-/// One tunnel's actor and relay, polled by one task: a task less per tunnel than an actor
-/// of its own (a spawn, two polls and a wake-up across tasks per tunnel).
-pub struct TunnelTask {
-    /// Gone once the actor stopped. Boxed: the context is large (384 bytes), and the
-    /// tunnel is moved a few times on its way into the connection's task (callgrind: the
-    /// copies cost more than the allocation).
-    actor: Option<Box<ContextFut<Tunnel, Context<Tunnel>>>>,
-    /// What the actor's context is polled with: it notes that the actor woke the task,
-    /// so a wake-up of the relay's legs does not poll the actor.
-    actor_waker: Option<(Arc<FlagWaker>, Waker)>,
-    relay: Relay,
-}
-
-impl TunnelTask {
-    /// Polls the actor's context if its waker fired, or `always`, or on the first poll
-    /// (which starts the actor) and whenever the task's waker changed; drops the context
-    /// once the actor stopped.
-    #[inline(always)]
-    fn poll_actor(
-        actor: &mut Option<Box<ContextFut<Tunnel, Context<Tunnel>>>>,
-        actor_waker: &mut Option<(Arc<FlagWaker>, Waker)>,
-        task: &Waker,
-        always: bool,
-    ) {
-        // The common case, a wake-up for the relay's legs, in two compares and a load.
-        if let Some((flag, _)) = actor_waker
-            && flag.wakes(task)
-            && !flag.take()
-            && !always
-        {
-            return;
-        }
-        Self::run_actor(actor, actor_waker, task);
-    }
-
-    #[inline(never)]
-    fn run_actor(
-        actor: &mut Option<Box<ContextFut<Tunnel, Context<Tunnel>>>>,
-        actor_waker: &mut Option<(Arc<FlagWaker>, Waker)>,
-        task: &Waker,
-    ) {
-        let Some(context) = actor else {
-            return;
-        };
-        let waker = match actor_waker {
-            Some((flag, waker)) if flag.wakes(task) => waker,
-            _ => {
-                let flag = FlagWaker::new(task);
-                let waker = Waker::from(Arc::clone(&flag));
-                &actor_waker.insert((flag, waker)).1
-            }
-        };
-        if Pin::new(&mut **context)
-            .poll(&mut TaskContext::from_waker(waker))
-            .is_ready()
-        {
-            *actor = None;
-        }
-    }
-}
-
-impl Future for TunnelTask {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        // The actor first: what its handlers change (pings queued, the tunnel ended) the
-        // relay acts on in this same poll.
-        Self::poll_actor(&mut this.actor, &mut this.actor_waker, cx.waker(), false);
-        if Pin::new(&mut this.relay).poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        // The relay is done: the actor sees it and stops now (the access log line).
-        Self::poll_actor(&mut this.actor, &mut this.actor_waker, cx.waker(), true);
-        debug_assert!(this.actor.is_none(), "the actor outlived its relay");
-        Poll::Ready(())
-    }
-}
+/// One tunnel as its task runs it: the relay, which runs the actor's context too.
+pub type TunnelTask = Relay<Box<ContextFut<Tunnel, Context<Tunnel>>>>;
 
 /// What the heartbeat does when it is due: pings both legs, or ends the tunnel when a leg
 /// did not answer the last ping or the tunnel has been idle too long.

@@ -7,10 +7,12 @@
 //!
 //! The relay state ([`Core`]) is shared with the tunnel's actor ([`super::actor`]), which
 //! owns the lifecycle: its heartbeat timer and `End` messages change the state, and it
-//! stops once the relay is done. Both run in one task ([`super::TunnelTask`]), which polls
-//! the actor only when the actor's own waker fired, and the relay after it. A wake-up of
-//! the relay turns only the legs whose readiness can have changed: each leg's IO
-//! registers a waker of its own ([`LegWakers`]).
+//! stops once the relay is done. The relay runs the actor's context in its own task, as
+//! its `lifecycle` future: polled first, and only when the lifecycle's own waker fired,
+//! so the relay acts in that same poll on what the actor's handlers changed, and a
+//! wake-up for the legs does not go through the actor's mailbox and timers. A wake-up
+//! turns only the legs whose readiness can have changed: each leg's IO registers a waker
+//! of its own ([`TaskWakers`]).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -83,15 +85,15 @@ enum Turn {
     Unfinished,
 }
 
-/// Wakes a task for one of the things it polls (a leg's IO, the actor), noting first that
-/// this one woke it: the task then polls only what can have work.
-pub(super) struct FlagWaker {
+/// Wakes the relay's task for one of its parts (a leg's IO, the lifecycle), noting first
+/// that this part woke it: the task then polls only what can have work.
+struct FlagWaker {
     woke: AtomicBool,
     task: Waker,
 }
 
 impl FlagWaker {
-    pub(super) fn new(task: &Waker) -> Arc<FlagWaker> {
+    fn new(task: &Waker) -> Arc<FlagWaker> {
         Arc::new(FlagWaker {
             woke: AtomicBool::new(false),
             task: task.clone(),
@@ -99,14 +101,14 @@ impl FlagWaker {
     }
 
     /// Whether this wakes `task`.
-    pub(super) fn wakes(&self, task: &Waker) -> bool {
+    fn wakes(&self, task: &Waker) -> bool {
         self.task.will_wake(task)
     }
 
     /// Whether it fired since the last call. A load, and a store only where it found one,
     /// rather than a locked swap per poll: a wake landing in between is not lost, as
     /// what it stands for is polled after this anyway.
-    pub(super) fn take(&self) -> bool {
+    fn take(&self) -> bool {
         let woke = self.woke.load(Ordering::Acquire);
         if woke {
             self.woke.store(false, Ordering::Relaxed);
@@ -126,22 +128,26 @@ impl Wake for FlagWaker {
     }
 }
 
-/// The wakers each leg's IO is polled with. A wake-up then knows which legs' readiness
-/// changed, and the relay does not poll the socket of a leg that did not wake (one
-/// readiness check, a mutex in tokio, per wake-up for nothing).
-struct LegWakers {
+/// The wakers the task polls its parts with: each leg's IO, and the lifecycle (the
+/// actor's context), at [`LIFECYCLE`]. A wake-up then knows which parts can have work:
+/// the relay does not poll the socket of a leg that did not wake (one readiness check, a
+/// mutex in tokio, per wake-up for nothing), nor the actor's mailbox and timers.
+struct TaskWakers {
     /// Read for the flags.
-    legs: [Arc<FlagWaker>; 2],
-    /// The same two as `Waker`s, made once: making one per poll would change the `Arc`'s
-    /// count (a locked instruction) twice per leg and poll.
-    wakers: [Waker; 2],
+    flags: [Arc<FlagWaker>; 3],
+    /// The same three as `Waker`s, made once: making one per poll would change the
+    /// `Arc`'s count (a locked instruction) twice per part and poll.
+    wakers: [Waker; 3],
 }
 
-impl LegWakers {
-    fn new(task: &Waker) -> LegWakers {
-        let legs = [FlagWaker::new(task), FlagWaker::new(task)];
-        let wakers = [Waker::from(legs[0].clone()), Waker::from(legs[1].clone())];
-        LegWakers { legs, wakers }
+/// The lifecycle's place in [`TaskWakers`], after the legs'.
+const LIFECYCLE: usize = 2;
+
+impl TaskWakers {
+    fn new(task: &Waker) -> TaskWakers {
+        let flags = [(); 3].map(|()| FlagWaker::new(task));
+        let wakers = flags.each_ref().map(|flag| Waker::from(Arc::clone(flag)));
+        TaskWakers { flags, wakers }
     }
 
     /// The context a leg's IO is polled in.
@@ -151,12 +157,12 @@ impl LegWakers {
 
     /// Whether these wakers wake `task`.
     fn wakes(&self, task: &Waker) -> bool {
-        self.legs[0].wakes(task)
+        self.flags[0].wakes(task)
     }
 
-    /// Which legs woke the task since the last call.
-    fn take_woke(&self) -> [bool; 2] {
-        self.legs.each_ref().map(|leg| leg.take())
+    /// Which parts woke the task since the last call: the two legs, then the lifecycle.
+    fn take_woke(&self) -> [bool; 3] {
+        self.flags.each_ref().map(|flag| flag.take())
     }
 }
 
@@ -343,7 +349,7 @@ impl Core {
     }
 
     /// Writes `pending[to]`; true once it is empty.
-    fn flush(&mut self, to: Leg, legs: &LegWakers) -> bool {
+    fn flush(&mut self, to: Leg, legs: &TaskWakers) -> bool {
         let i = to as usize;
         if self.pending[i].is_empty() {
             // Nothing waits: no flush, no buffer to release.
@@ -369,7 +375,7 @@ impl Core {
     }
 
     /// Writes `out` to `to` now if it can; queues what it cannot.
-    fn write_or_queue(&mut self, to: Leg, out: &[u8], legs: &LegWakers) {
+    fn write_or_queue(&mut self, to: Leg, out: &[u8], legs: &TaskWakers) {
         let i = to as usize;
         let mut written = 0;
         if self.pending[i].is_empty() && !self.dead[to as usize] {
@@ -408,7 +414,7 @@ impl Core {
     /// One leg's turn: flush what waits toward the other leg, then read this leg until it
     /// has nothing more, so that the turn ends with the leg's wakers registered (a read or
     /// a write that is pending) or with nothing left to do on it.
-    fn drive(&mut self, from: Leg, legs: &LegWakers) -> Turn {
+    fn drive(&mut self, from: Leg, legs: &TaskWakers) -> Turn {
         let to = from.other();
         for _ in 0..READS_PER_WAKE {
             if !self.flush(to, legs) {
@@ -481,7 +487,7 @@ impl Core {
 
     /// Ends the client's TCP as soon as its leg is done, while the backend's end is still
     /// awaited: toward the client the gateway is the server, which closes first.
-    fn end_client_tcp(&mut self, legs: &LegWakers) {
+    fn end_client_tcp(&mut self, legs: &TaskWakers) {
         let client = Leg::Client as usize;
         if !self.client_tcp_ended && !self.dead[client] && self.leg_done(Leg::Client) {
             self.client_tcp_ended = Pin::new(&mut self.io[client])
@@ -494,7 +500,7 @@ impl Core {
     fn poll_relay(
         &mut self,
         cx: &mut TaskContext<'_>,
-        legs: &LegWakers,
+        legs: &TaskWakers,
         woke: [bool; 2],
     ) -> Poll<()> {
         let mut turn = self.legs_to_turn(woke);
@@ -658,30 +664,45 @@ impl Drop for Core {
     }
 }
 
-/// The relay of one tunnel, as a future: ready when the tunnel is over (both legs done,
-/// or the close deadline passed), at which point the actor stops too.
-pub struct Relay {
+/// The relay of one tunnel, as a future that also runs the tunnel's lifecycle `L` (the
+/// actor's context): ready when the tunnel is over (both legs done, or the close deadline
+/// passed) and the lifecycle, told so, finished too.
+pub struct Relay<L> {
     core: Rc<RefCell<Core>>,
+    /// Gone once it finished.
+    lifecycle: Option<L>,
     /// Armed when the close handshake starts: the tunnel ends at the latest then. Boxed,
     /// only then: inline, every idle tunnel would carry the timer's 112 bytes.
     close_deadline: Option<Pin<Box<Sleep>>>,
     slow_deadline: [Option<SlowDeadline>; 2],
     /// Built at the first poll, for the task that polls the relay.
-    leg_wakers: Option<LegWakers>,
+    wakers: Option<TaskWakers>,
 }
 
 /// Armed while bytes wait toward a leg and `slow_consumer = "close"` is set: the leg is
 /// failed if the backlog that started at that instant is still there.
 type SlowDeadline = (Pin<Box<Sleep>>, Instant);
 
-impl Relay {
-    pub(super) fn new(core: Rc<RefCell<Core>>) -> Relay {
+impl<L: Future<Output = ()> + Unpin> Relay<L> {
+    pub(super) fn new(core: Rc<RefCell<Core>>, lifecycle: L) -> Relay<L> {
         Relay {
             core,
+            lifecycle: Some(lifecycle),
             close_deadline: None,
             slow_deadline: [None, None],
-            leg_wakers: None,
+            wakers: None,
         }
+    }
+}
+
+/// Polls the lifecycle with its own waker; drops it once it finished.
+fn poll_lifecycle<L: Future<Output = ()> + Unpin>(lifecycle: &mut Option<L>, wakers: &TaskWakers) {
+    if let Some(future) = lifecycle
+        && Pin::new(future)
+            .poll(&mut TaskContext::from_waker(&wakers.wakers[LIFECYCLE]))
+            .is_ready()
+    {
+        *lifecycle = None;
     }
 }
 
@@ -719,28 +740,39 @@ fn check_slow_legs(
     failed
 }
 
-impl Future for Relay {
+impl<L: Future<Output = ()> + Unpin> Future for Relay<L> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
         let Relay {
             core,
+            lifecycle,
             close_deadline,
             slow_deadline,
-            leg_wakers,
+            wakers,
         } = self.get_mut();
-        let mut core = core.borrow_mut();
-        let legs = match leg_wakers {
-            Some(legs) if legs.wakes(cx.waker()) => legs,
-            // First poll, or another task polls the relay now: every leg's IO is polled
-            // again, registering the new wakers.
+        let (wakers, [client, backend, lifecycle_woke]) = match wakers {
+            Some(wakers) if wakers.wakes(cx.waker()) => {
+                let woke = wakers.take_woke();
+                (&*wakers, woke)
+            }
+            // First poll (which starts the lifecycle), or another task polls the relay
+            // now: every part is polled again, registering the new wakers.
             _ => {
-                core.turn_both = true;
-                leg_wakers.insert(LegWakers::new(cx.waker()))
+                core.borrow_mut().turn_both = true;
+                (
+                    &*wakers.insert(TaskWakers::new(cx.waker())),
+                    [false, false, true],
+                )
             }
         };
-        let woke = legs.take_woke();
-        let mut done = core.poll_relay(cx, legs, woke).is_ready();
+        // The lifecycle first: what it changes (pings queued, the tunnel ended) the relay
+        // acts on in this same poll. Its handlers borrow the core themselves.
+        if lifecycle_woke {
+            poll_lifecycle(lifecycle, wakers);
+        }
+        let mut core = core.borrow_mut();
+        let mut done = core.poll_relay(cx, wakers, [client, backend]).is_ready();
         if !done {
             if core.closing && close_deadline.is_none() {
                 *close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
@@ -761,6 +793,10 @@ impl Future for Relay {
             return Poll::Pending;
         }
         core.relay_done = true;
+        drop(core);
+        // The lifecycle sees the relay done and finishes now (the actor's access log line).
+        poll_lifecycle(lifecycle, wakers);
+        debug_assert!(lifecycle.is_none(), "the lifecycle outlived its relay");
         Poll::Ready(())
     }
 }
