@@ -256,6 +256,9 @@ async fn all_servers_down_is_502() {
     let (status, body) = refused_status(&format!("ws://{}/", addr(&gw))).await;
     assert_eq!(status, 502);
     assert!(body.contains("no server could be reached"), "{body}");
+    // A refused connect shows only at the first write (no SO_ERROR read after it), and is
+    // still named the connect's failure.
+    assert!(body.contains("connect: "), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -385,9 +385,10 @@ async fn dial(
         };
         io.write_all(request).await.map_err(|err| {
             // A plain connect's own error comes with its first write (see `connect`).
-            let step = match err.kind() {
-                std::io::ErrorKind::ConnectionRefused => "connect",
-                _ => "sending the upgrade",
+            let step = if is_connect_error(&err) {
+                "connect"
+            } else {
+                "sending the upgrade"
             };
             DialError::Failed(format!("{step}: {err}"))
         })?;
@@ -462,6 +463,16 @@ async fn connect(server: &Server) -> std::io::Result<TcpStream> {
             format!("{:?} resolves to no address", server.config.host),
         )
     }))
+}
+
+/// The errors only a connect ends with: met on a stream's first write, they are the
+/// connect's (see [`connect`]).
+fn is_connect_error(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        err.kind(),
+        ConnectionRefused | HostUnreachable | NetworkUnreachable
+    )
 }
 
 async fn connect_to(address: SocketAddr, read_error: bool) -> std::io::Result<TcpStream> {

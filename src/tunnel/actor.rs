@@ -4,8 +4,8 @@
 //! pings both legs on its heartbeat timer, fails a leg that stops answering or a tunnel
 //! that stays idle, and stops once the relay is done, writing the access log line. The
 //! bytes themselves go through the [`Relay`], which shares the tunnel's state ([`Core`])
-//! with the actor and runs the actor's context in its own task ([`TunnelTask`], run by
-//! the task that accepted the connection): the context is polled only when its own waker
+//! with the actor and runs the actor's context in the relay's task ([`TunnelTask`], run
+//! by the task that accepted the connection): the context is polled only when its own waker
 //! fired (mailbox, timers), so the relay's wake-ups do not go through the actor's mailbox
 //! and timers, and the actor's handlers change the state that the relay's poll, right
 //! after, acts on.

@@ -707,14 +707,14 @@ fn poll_lifecycle<L: Future<Output = ()> + Unpin>(lifecycle: &mut Option<L>, wak
 }
 
 /// Arms, disarms and checks the slow-consumer deadlines; true if one failed a leg.
+/// `timeout` is the tunnel's `slow_consumer_timeout`; the caller checks it is set, so a
+/// tunnel without one makes no call per poll.
 fn check_slow_legs(
     slow_deadline: &mut [Option<SlowDeadline>; 2],
     core: &mut Core,
+    timeout: Duration,
     cx: &mut TaskContext<'_>,
 ) -> bool {
-    let Some(timeout) = core.slow_consumer_timeout else {
-        return false;
-    };
     let mut failed = false;
     for leg in [Leg::Client, Leg::Backend] {
         let i = leg as usize;
@@ -782,8 +782,8 @@ impl<L: Future<Output = ()> + Unpin> Future for Relay<L> {
             {
                 tracing::debug!(client = %core.client_addr, "close handshake timed out");
                 done = true;
-            } else if core.slow_consumer_timeout.is_some()
-                && check_slow_legs(slow_deadline, &mut core, cx)
+            } else if let Some(timeout) = core.slow_consumer_timeout
+                && check_slow_legs(slow_deadline, &mut core, timeout, cx)
             {
                 // The failed leg's close frame goes out on the next poll.
                 cx.waker().wake_by_ref();
