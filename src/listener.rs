@@ -3,17 +3,18 @@
 //! handled by the thread that woke for it: no hand-off from an accept thread (measured: that
 //! hand-off was a wake-up and a context switch per connection, see BENCHMARKS.md).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_http::{HttpService, error::DispatchError};
 use actix_service::{Service, ServiceFactory, fn_factory, fn_service, map_config};
 use actix_web::dev::AppConfig;
 use actix_web::{App, web};
-use futures_util::FutureExt as _;
-use futures_util::future::OptionFuture;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -326,18 +327,45 @@ impl Worker {
                             Rc::clone(&upgrade),
                             header_timeout,
                         ));
-                        // Chained, not an async block: a task's allocation is sized by
-                        // its future's largest state, and an async block keeps the
-                        // handshake's `Option<TunnelTask>` beside the tunnel moved out of
-                        // it (measured when the tunnel was 112 bytes: a 384-byte task per
-                        // tunnel, 256 this way).
-                        actix_rt::spawn(handshake.then(OptionFuture::from));
+                        actix_rt::spawn(Connection::Handshake(handshake));
                     }
                     Err(err) if is_connection_error(&err) => {}
                     Err(err) => {
                         tracing::warn!(listener = %name, "accept failed: {err}; pausing {ACCEPT_ERROR_PAUSE:?}");
                         tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     }
+                },
+            }
+        }
+    }
+}
+
+/// An accepted connection's task: the handshake, then the tunnel it opened, if any.
+///
+/// Not an async block: a task's allocation is sized by its future's largest state, and an
+/// async block keeps the handshake's `Option<TunnelTask>` beside the tunnel moved out of it
+/// (measured when the tunnel was 112 bytes: a 384-byte task per tunnel, 256 this way).
+/// Not futures-util's `then` either: every wake-up of the tunnel comes through this poll,
+/// and its `Flatten` and `OptionFuture` layers cost ~40 instructions per wake-up over the
+/// one match here (callgrind, BENCHMARKS.md).
+enum Connection<H> {
+    Handshake(Pin<Box<H>>),
+    Tunnel(TunnelTask),
+}
+
+impl<H: Future<Output = Option<TunnelTask>>> Future for Connection<H> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let connection = self.get_mut();
+        loop {
+            match connection {
+                Connection::Tunnel(tunnel) => return Pin::new(tunnel).poll(cx),
+                Connection::Handshake(handshake) => match handshake.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => return Poll::Ready(()),
+                    // The handshake's state is dropped here, before the tunnel's first poll.
+                    Poll::Ready(Some(tunnel)) => *connection = Connection::Tunnel(tunnel),
                 },
             }
         }
