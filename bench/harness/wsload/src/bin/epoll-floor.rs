@@ -1,0 +1,687 @@
+//! epoll-floor: the least a frame-checking WebSocket relay can cost without an async
+//! runtime, to measure how far a relay on its own event loop could go beside nginx.
+//!
+//! One thread, one edge-triggered epoll, raw `recv`/`send`, nginx's shape: the listening
+//! socket level-triggered with one `accept4` per event, both legs registered once for
+//! reading and writing, no `epoll_ctl` after that, `close` without deregistering. Each
+//! direction's bytes pass through as they came, after the HTTP head, checked frame by
+//! frame as wsgate's relay checks them (FIN with text or binary, the MASK bit the leg
+//! must set, a 7- or 16-bit length; other frames by their header): the same loop as
+//! wsgate's `whole_message_run`, and a header split over two reads carried to the next.
+//!
+//! It is not a gateway: no routing, limits, heartbeats, close codes or timeouts. A frame
+//! that breaks a rule ends the connection without a close frame.
+//!
+//!   epoll-floor --listen 127.0.0.1:8097 --backends 127.0.0.1:9001,127.0.0.1:9002
+//!   bench/run.sh "epoll-floor=bench/harness/wsload/target/release/epoll-floor --listen 127.0.0.1:{PORT} --backends {BACKENDS},8097"
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{IntoRawFd, RawFd};
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "A frame-checking WebSocket relay on one raw epoll loop (a relay's floor)")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Backends, comma-separated, taken in turn.
+    #[arg(long, value_delimiter = ',', required = true)]
+    backends: Vec<SocketAddr>,
+    /// Run the relay loop nested in tokio, as it would run inside a wsgate worker: the
+    /// connections are accepted and dialled on tokio's current-thread runtime (registered
+    /// with its reactor, as a handshake leaves them), then moved to the relay's own epoll,
+    /// whose descriptor tokio watches; one task drains it when it is readable.
+    #[arg(long)]
+    nested: bool,
+}
+
+/// The epoll token of the listening socket; a leg's token is its slot plus one.
+const LISTENER: u64 = 0;
+/// Bytes read per `recv`, as wsgate's relay reads.
+const READ_CHUNK: usize = 16 * 1024;
+/// A leg stops being read while this much waits toward its peer.
+const MAX_PENDING: usize = 1 << 20;
+const MAX_PAYLOAD: u64 = 64 * 1024 * 1024;
+
+const FIN: u8 = 0x80;
+const RSV: u8 = 0x70;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const MASKED: u8 = 0x80;
+
+/// What one direction has seen of its byte stream.
+#[derive(Default)]
+struct Frames {
+    /// The HTTP head is over (its `\r\n\r\n` seen); `head_tail` counts the bytes of that
+    /// terminator matched so far.
+    head_done: bool,
+    head_tail: u8,
+    /// Payload bytes of the current frame still to come.
+    left: u64,
+    /// A frame header split over reads.
+    carry: [u8; 14],
+    carry_len: usize,
+}
+
+/// The length of the frame header that starts with `b0`, `b1`.
+fn header_len(b1: u8) -> usize {
+    let mask = if b1 & MASKED != 0 { 4 } else { 0 };
+    mask + match b1 & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    }
+}
+
+impl Frames {
+    /// Checks `data`, the next bytes of this direction; false if a frame breaks a rule.
+    fn check(&mut self, mut data: &[u8], masked_leg: bool) -> bool {
+        if !self.head_done {
+            for (i, &b) in data.iter().enumerate() {
+                let want = b"\r\n\r\n"[usize::from(self.head_tail)];
+                self.head_tail = if b == want {
+                    self.head_tail + 1
+                } else {
+                    u8::from(b == b'\r')
+                };
+                if self.head_tail == 4 {
+                    self.head_done = true;
+                    data = &data[i + 1..];
+                    break;
+                }
+            }
+            if !self.head_done {
+                return true;
+            }
+        }
+        while !data.is_empty() {
+            if self.left > 0 {
+                let take = self.left.min(data.len() as u64);
+                self.left -= take;
+                data = &data[take as usize..];
+                continue;
+            }
+            if self.carry_len > 0 {
+                let have = self.carry_len;
+                let need = if have >= 2 {
+                    header_len(self.carry[1])
+                } else {
+                    2
+                };
+                let take = (need - have).min(data.len());
+                self.carry[have..have + take].copy_from_slice(&data[..take]);
+                self.carry_len += take;
+                data = &data[take..];
+                if self.carry_len == 2 && header_len(self.carry[1]) > 2 {
+                    continue;
+                }
+                if self.carry_len < need {
+                    return true;
+                }
+                let carry = self.carry;
+                self.carry_len = 0;
+                match header(&carry[..need], masked_leg) {
+                    Some((_, payload)) => self.left = payload,
+                    None => return false,
+                }
+                continue;
+            }
+            data = if masked_leg {
+                whole_message_run::<true>(data)
+            } else {
+                whole_message_run::<false>(data)
+            };
+            if data.is_empty() {
+                break;
+            }
+            if data.len() < 2 || data.len() < header_len(data[1]) {
+                self.carry[..data.len()].copy_from_slice(data);
+                self.carry_len = data.len();
+                return true;
+            }
+            match header(data, masked_leg) {
+                Some((len, payload)) => {
+                    self.left = payload;
+                    data = &data[len..];
+                }
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+/// A whole header at the start of `data`: its length and its payload's, if it keeps the
+/// rules (no RSV bits, the leg's MASK bit, a known opcode, control frames short and whole).
+fn header(data: &[u8], masked_leg: bool) -> Option<(usize, u64)> {
+    let (b0, b1) = (data[0], data[1]);
+    let opcode = b0 & 0x0f;
+    if b0 & RSV != 0 || (b1 & MASKED != 0) != masked_leg || matches!(opcode, 3..=7 | 0xb..) {
+        return None;
+    }
+    let len = header_len(b1);
+    let payload = match b1 & 0x7f {
+        126 => u64::from(u16::from_be_bytes([data[2], data[3]])),
+        127 => u64::from_be_bytes(data[2..10].try_into().ok()?),
+        short => u64::from(short),
+    };
+    let control = opcode >= 8;
+    if payload > MAX_PAYLOAD || (control && (payload > 125 || b0 & FIN == 0)) {
+        return None;
+    }
+    Some((len, payload))
+}
+
+/// wsgate's loop over whole single-frame text or binary messages; returns what follows
+/// the run.
+fn whole_message_run<const MASKED_LEG: bool>(data: &[u8]) -> &[u8] {
+    let (mask_bit, header_len) = if MASKED_LEG { (MASKED, 2 + 4) } else { (0, 2) };
+    let mut rest = data;
+    while let [b0, b1, after @ ..] = rest {
+        if b0.wrapping_sub(FIN | OP_TEXT) > OP_BINARY - OP_TEXT {
+            break;
+        }
+        let short = b1.wrapping_sub(mask_bit);
+        let whole = if short <= 125 {
+            header_len + usize::from(short)
+        } else if let (126, [hi, lo, ..]) = (short, after) {
+            header_len + 2 + usize::from(u16::from_be_bytes([*hi, *lo]))
+        } else {
+            break;
+        };
+        let Some(next) = rest.get(whole..) else {
+            break;
+        };
+        rest = next;
+    }
+    rest
+}
+
+/// One side of a tunnel: its socket, what it has sent (checked), what waits toward it.
+struct Leg {
+    fd: RawFd,
+    peer: usize,
+    /// Clients mask their frames.
+    masked: bool,
+    frames: Frames,
+    pending: Vec<u8>,
+    read_eof: bool,
+    /// Its peer's EOF was passed on (`shutdown(SHUT_WR)`).
+    write_shut: bool,
+    /// Not read while its peer has `MAX_PENDING` waiting.
+    throttled: bool,
+}
+
+struct Floor {
+    epoll: RawFd,
+    legs: Vec<Option<Leg>>,
+    free: Vec<usize>,
+    /// Slots closed in this batch of events, free after it (a later event of the batch
+    /// may name them).
+    closed: Vec<usize>,
+    buf: Vec<u8>,
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+impl Floor {
+    fn new() -> io::Result<Floor> {
+        Ok(Floor {
+            epoll: check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?,
+            legs: Vec::new(),
+            free: Vec::new(),
+            closed: Vec::new(),
+            buf: vec![0; READ_CHUNK],
+        })
+    }
+
+    /// Handles up to `events.len()` ready events, waiting at most `timeout_ms`; returns
+    /// how many there were.
+    fn turn(
+        &mut self,
+        events: &mut [libc::epoll_event],
+        timeout_ms: libc::c_int,
+    ) -> io::Result<usize> {
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epoll,
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                timeout_ms,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return if err.raw_os_error() == Some(libc::EINTR) {
+                Ok(0)
+            } else {
+                Err(err)
+            };
+        }
+        for event in &events[..n as usize] {
+            let (token, bits) = (event.u64, event.events);
+            self.event(token as usize - 1, bits);
+        }
+        self.free.append(&mut self.closed);
+        Ok(n as usize)
+    }
+
+    fn register(&self, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
+        check(unsafe { libc::epoll_ctl(self.epoll, libc::EPOLL_CTL_ADD, fd, &mut event) })?;
+        Ok(())
+    }
+
+    fn slot(&mut self, leg: Leg) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.legs[i] = Some(leg);
+                i
+            }
+            None => {
+                self.legs.push(Some(leg));
+                self.legs.len() - 1
+            }
+        }
+    }
+
+    /// Accepts one client and starts connecting it to `backend`.
+    fn accept(&mut self, listener: RawFd, backend: SocketAddr) {
+        let client = unsafe {
+            libc::accept4(
+                listener,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if client < 0 {
+            return;
+        }
+        set_nodelay(client);
+        let family = if backend.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let server = unsafe {
+            libc::socket(
+                family,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if server < 0 {
+            unsafe { libc::close(client) };
+            return;
+        }
+        set_nodelay(server);
+        let (addr, len) = sockaddr(backend);
+        let connected =
+            unsafe { libc::connect(server, &addr as *const _ as *const libc::sockaddr, len) };
+        if connected < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
+            unsafe {
+                libc::close(client);
+                libc::close(server);
+            }
+            return;
+        }
+        self.add(client, server);
+    }
+
+    /// Takes over a client's and its backend's sockets (non-blocking, the backend's
+    /// connect started) as one tunnel.
+    fn add(&mut self, client: RawFd, server: RawFd) {
+        let leg = |fd, masked| Leg {
+            fd,
+            peer: 0,
+            masked,
+            frames: Frames::default(),
+            pending: Vec::new(),
+            read_eof: false,
+            write_shut: false,
+            throttled: false,
+        };
+        let c = self.slot(leg(client, true));
+        let s = self.slot(leg(server, false));
+        self.leg(c).peer = s;
+        self.leg(s).peer = c;
+        let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        if self.register(client, c as u64 + 1, events).is_err()
+            || self.register(server, s as u64 + 1, events).is_err()
+        {
+            self.close(c);
+        }
+    }
+
+    fn leg(&mut self, i: usize) -> &mut Leg {
+        self.legs[i].as_mut().expect("a live leg")
+    }
+
+    /// Closes both legs of `i`'s tunnel (no `EPOLL_CTL_DEL`: closing removes them).
+    fn close(&mut self, i: usize) {
+        for j in [i, self.leg(i).peer] {
+            if let Some(leg) = self.legs[j].take() {
+                unsafe { libc::close(leg.fd) };
+                self.closed.push(j);
+            }
+        }
+    }
+
+    /// Sends what waits toward `i`; false if the leg failed.
+    fn flush(&mut self, i: usize) -> bool {
+        let leg = self.leg(i);
+        let mut sent = 0;
+        while sent < leg.pending.len() {
+            let rest = &leg.pending[sent..];
+            let n = unsafe {
+                libc::send(
+                    leg.fd,
+                    rest.as_ptr() as *const libc::c_void,
+                    rest.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+                    break;
+                }
+                return false;
+            }
+            sent += n as usize;
+        }
+        leg.pending.drain(..sent);
+        true
+    }
+
+    /// Reads leg `i` until it has nothing more (or its peer is backed up), checking and
+    /// passing on what it reads; false if the tunnel is over. `eof_pending`: the event
+    /// said the peer ended (`EPOLLRDHUP`), so a short read is not the end: the EOF behind
+    /// it comes with no further edge (nginx's `pending_eof`).
+    fn read(&mut self, i: usize, eof_pending: bool) -> bool {
+        loop {
+            let peer = self.leg(i).peer;
+            if self.leg(peer).pending.len() >= MAX_PENDING {
+                self.leg(i).throttled = true;
+                return true;
+            }
+            let fd = self.leg(i).fd;
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    self.buf.as_mut_ptr() as *mut libc::c_void,
+                    READ_CHUNK,
+                    0,
+                )
+            };
+            if n < 0 {
+                return io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN);
+            }
+            if n == 0 {
+                self.leg(i).read_eof = true;
+                return self.pass_eof(i);
+            }
+            let n = n as usize;
+            let buf = std::mem::take(&mut self.buf);
+            let ok = self.forward(i, peer, &buf[..n]);
+            self.buf = buf;
+            if !ok {
+                return false;
+            }
+            if n < READ_CHUNK && !eof_pending {
+                // A short read: the socket is drained, as nginx assumes (edge-triggered,
+                // the next edge comes with the next bytes).
+                return true;
+            }
+        }
+    }
+
+    /// Checks `data` read from `from` and sends it to `to`, queueing what the socket
+    /// does not take.
+    fn forward(&mut self, from: usize, to: usize, data: &[u8]) -> bool {
+        let leg = self.leg(from);
+        let masked = leg.masked;
+        if !leg.frames.check(data, masked) {
+            return false;
+        }
+        let out = self.leg(to);
+        if !out.pending.is_empty() {
+            out.pending.extend_from_slice(data);
+            return true;
+        }
+        let n = unsafe {
+            libc::send(
+                out.fd,
+                data.as_ptr() as *const libc::c_void,
+                data.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        let sent = if n < 0 {
+            if io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+                return false;
+            }
+            0
+        } else {
+            n as usize
+        };
+        out.pending.extend_from_slice(&data[sent..]);
+        true
+    }
+
+    /// Passes `i`'s EOF on once what waits toward its peer is sent; false when both
+    /// directions are over.
+    fn pass_eof(&mut self, i: usize) -> bool {
+        let peer = self.leg(i).peer;
+        let (eof, out) = (self.leg(i).read_eof, self.leg(peer));
+        if eof && out.pending.is_empty() && !out.write_shut {
+            out.write_shut = true;
+            unsafe { libc::shutdown(out.fd, libc::SHUT_WR) };
+        }
+        !(self.leg(i).read_eof
+            && self.leg(peer).read_eof
+            && self.leg(i).write_shut
+            && self.leg(peer).write_shut)
+    }
+
+    fn event(&mut self, i: usize, events: u32) {
+        if self.legs.get(i).is_none_or(Option::is_none) {
+            return;
+        }
+        let peer = self.leg(i).peer;
+        let failed = events & libc::EPOLLERR as u32 != 0;
+        let mut alive = !failed;
+        if alive && events & libc::EPOLLOUT as u32 != 0 && !self.leg(i).pending.is_empty() {
+            alive = self.flush(i);
+            if alive && self.leg(i).pending.is_empty() {
+                alive = self.pass_eof(peer);
+                if alive && std::mem::take(&mut self.leg(peer).throttled) {
+                    alive = self.read(peer, false);
+                }
+            }
+        }
+        if alive
+            && events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0
+            && !self.leg(i).read_eof
+        {
+            let eof_pending = events & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0;
+            alive = self.read(i, eof_pending);
+        }
+        if !alive {
+            self.close(i);
+        }
+    }
+}
+
+fn main() -> io::Result<()> {
+    let args = Args::parse();
+    if args.nested {
+        return nested::run(args);
+    }
+    let listener = TcpListener::bind(args.listen)?;
+    listener.set_nonblocking(true)?;
+    let listener = listener.into_raw_fd();
+    let mut floor = Floor::new()?;
+    // Level-triggered, one accept per event, as nginx without `multi_accept`.
+    floor.register(listener, LISTENER, libc::EPOLLIN as u32)?;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
+    let mut turn = 0usize;
+    loop {
+        let n = unsafe {
+            libc::epoll_wait(
+                floor.epoll,
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                -1,
+            )
+        };
+        if n < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(io::Error::last_os_error());
+        }
+        for event in &events[..n as usize] {
+            let (token, bits) = (event.u64, event.events);
+            if token == LISTENER {
+                let backend = args.backends[turn % args.backends.len()];
+                turn = turn.wrapping_add(1);
+                floor.accept(listener, backend);
+            } else {
+                floor.event(token as usize - 1, bits);
+            }
+        }
+        floor.free.append(&mut floor.closed);
+    }
+}
+
+/// `--nested`: the relay loop inside tokio's current-thread runtime.
+mod nested {
+    use std::cell::RefCell;
+    use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+    use std::rc::Rc;
+
+    use tokio::io::unix::AsyncFd;
+    use tokio::io::Interest;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{io, Args, Floor};
+
+    /// The relay's epoll descriptor, as tokio's reactor watches it.
+    struct EpollFd(RawFd);
+
+    impl AsRawFd for EpollFd {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0
+        }
+    }
+
+    pub fn run(args: Args) -> io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            let floor = Rc::new(RefCell::new(Floor::new()?));
+            // SAFETY: the descriptor is the floor's epoll, open for the whole run.
+            let watched = unsafe {
+                AsyncFd::register_with_interest(EpollFd(floor.borrow().epoll), Interest::READABLE)?
+            };
+            let relay = Rc::clone(&floor);
+            tokio::task::spawn_local(async move {
+                let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
+                loop {
+                    let Ok(mut ready) = watched.readable().await else {
+                        return;
+                    };
+                    // Fewer events than room for them: the ready list is empty now. A
+                    // later event re-arms tokio's readiness past this clear (its tick).
+                    match relay.borrow_mut().turn(&mut events, 0) {
+                        Ok(n) if n < events.len() => ready.clear_ready(),
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+            let listener = TcpListener::bind(args.listen).await?;
+            let mut turn = 0usize;
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
+                let backend = args.backends[turn % args.backends.len()];
+                turn = turn.wrapping_add(1);
+                let floor = Rc::clone(&floor);
+                tokio::task::spawn_local(async move {
+                    let _ = client.set_nodelay(true);
+                    let Ok(server) = TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = server.set_nodelay(true);
+                    // Leaving tokio's reactor deregisters each socket (one epoll_ctl).
+                    let (Ok(client), Ok(server)) = (client.into_std(), server.into_std()) else {
+                        return;
+                    };
+                    floor
+                        .borrow_mut()
+                        .add(client.into_raw_fd(), server.into_raw_fd());
+                });
+            }
+        })
+    }
+}
