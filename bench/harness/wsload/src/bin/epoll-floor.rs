@@ -265,6 +265,27 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
+/// Sends what the socket takes of `bytes` now: 0 when it takes nothing (`EAGAIN`).
+fn send_some(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    let n = unsafe {
+        libc::send(
+            fd,
+            bytes.as_ptr() as *const libc::c_void,
+            bytes.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EAGAIN) {
+        Ok(0)
+    } else {
+        Err(err)
+    }
+}
+
 fn set_nodelay(fd: RawFd) {
     let one: libc::c_int = 1;
     unsafe {
@@ -427,22 +448,11 @@ impl Floor {
         let leg = self.leg(i);
         let mut sent = 0;
         while sent < leg.pending.len() {
-            let rest = &leg.pending[sent..];
-            let n = unsafe {
-                libc::send(
-                    leg.fd,
-                    rest.as_ptr() as *const libc::c_void,
-                    rest.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                if io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
-                    break;
-                }
-                return false;
+            match send_some(leg.fd, &leg.pending[sent..]) {
+                Ok(0) => break,
+                Ok(n) => sent += n,
+                Err(_) => return false,
             }
-            sent += n as usize;
         }
         leg.pending.drain(..sent);
         true
@@ -503,21 +513,8 @@ impl Floor {
             out.pending.extend_from_slice(data);
             return true;
         }
-        let n = unsafe {
-            libc::send(
-                out.fd,
-                data.as_ptr() as *const libc::c_void,
-                data.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        let sent = if n < 0 {
-            if io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
-                return false;
-            }
-            0
-        } else {
-            n as usize
+        let Ok(sent) = send_some(out.fd, data) else {
+            return false;
         };
         out.pending.extend_from_slice(&data[sent..]);
         true
