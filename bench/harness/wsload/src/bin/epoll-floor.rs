@@ -9,10 +9,14 @@
 //! must set, a 7- or 16-bit length; other frames by their header): the same loop as
 //! wsgate's `whole_message_run`, and a header split over two reads carried to the next.
 //!
+//! With `--nested` the same relay loop runs inside tokio's current-thread runtime, as it
+//! would inside a wsgate worker (module `nested`): tokio accepts and dials, then the
+//! sockets move to the relay's epoll, which tokio watches.
+//!
 //! It is not a gateway: no routing, limits, heartbeats, close codes or timeouts. A frame
 //! that breaks a rule ends the connection without a close frame.
 //!
-//!   epoll-floor --listen 127.0.0.1:8097 --backends 127.0.0.1:9001,127.0.0.1:9002
+//!   epoll-floor [--nested] --listen 127.0.0.1:8097 --backends 127.0.0.1:9001,127.0.0.1:9002
 //!   bench/run.sh "epoll-floor=bench/harness/wsload/target/release/epoll-floor --listen 127.0.0.1:{PORT} --backends {BACKENDS},8097"
 
 use std::io;
