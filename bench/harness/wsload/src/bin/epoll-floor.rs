@@ -11,12 +11,14 @@
 //!
 //! With `--nested` the same relay loop runs inside tokio's current-thread runtime, as it
 //! would inside a wsgate worker (module `nested`): tokio accepts and dials, then the
-//! sockets move to the relay's epoll, which tokio watches.
+//! sockets move to the relay's epoll, which tokio watches. With `--threaded` tokio
+//! accepts and dials the same way and hands the sockets to a relay thread that blocks in
+//! its own `epoll_wait`.
 //!
 //! It is not a gateway: no routing, limits, heartbeats, close codes or timeouts. A frame
 //! that breaks a rule ends the connection without a close frame.
 //!
-//!   epoll-floor [--nested] --listen 127.0.0.1:8097 --backends 127.0.0.1:9001,127.0.0.1:9002
+//!   epoll-floor [--nested | --threaded] --listen 127.0.0.1:8097 --backends 127.0.0.1:9001,127.0.0.1:9002
 //!   bench/run.sh "epoll-floor=bench/harness/wsload/target/release/epoll-floor --listen 127.0.0.1:{PORT} --backends {BACKENDS},8097"
 
 use std::io;
@@ -40,10 +42,17 @@ struct Args {
     /// whose descriptor tokio watches; one task drains it when it is readable.
     #[arg(long)]
     nested: bool,
+    /// Run the relay loop on a thread of its own beside tokio's: tokio accepts and dials
+    /// on the main thread and hands each connection's sockets over (a channel and an
+    /// `eventfd`); the relay thread blocks in its own `epoll_wait`.
+    #[arg(long, conflicts_with = "nested")]
+    threaded: bool,
 }
 
 /// The epoll token of the listening socket; a leg's token is its slot plus one.
 const LISTENER: u64 = 0;
+/// The token of the relay thread's hand-over `eventfd` (`--threaded`).
+const WAKE: u64 = 0;
 /// Bytes read per `recv`, as wsgate's relay reads.
 const READ_CHUNK: usize = 16 * 1024;
 /// A leg stops being read while this much waits toward its peer.
@@ -315,11 +324,12 @@ impl Floor {
     }
 
     /// Handles up to `events.len()` ready events, waiting at most `timeout_ms`; returns
-    /// how many there were.
+    /// how many there were. `on_wake` takes the [`WAKE`] token's events.
     fn turn(
         &mut self,
         events: &mut [libc::epoll_event],
         timeout_ms: libc::c_int,
+        mut on_wake: impl FnMut(&mut Floor),
     ) -> io::Result<usize> {
         let n = unsafe {
             libc::epoll_wait(
@@ -339,7 +349,11 @@ impl Floor {
         }
         for event in &events[..n as usize] {
             let (token, bits) = (event.u64, event.events);
-            self.event(token as usize - 1, bits);
+            if token == WAKE {
+                on_wake(self);
+            } else {
+                self.event(token as usize - 1, bits);
+            }
         }
         self.free.append(&mut self.closed);
         Ok(n as usize)
@@ -570,7 +584,7 @@ impl Floor {
 
 fn main() -> io::Result<()> {
     let args = Args::parse();
-    if args.nested {
+    if args.nested || args.threaded {
         return nested::run(args);
     }
     let listener = TcpListener::bind(args.listen)?;
@@ -620,7 +634,9 @@ mod nested {
     use tokio::io::Interest;
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::{io, Args, Floor};
+    use std::sync::mpsc;
+
+    use super::{check, io, Args, Floor, WAKE};
 
     /// The relay's epoll descriptor, as tokio's reactor watches it.
     struct EpollFd(RawFd);
@@ -637,27 +653,45 @@ mod nested {
             .build()?;
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
-            let floor = Rc::new(RefCell::new(Floor::new()?));
-            // SAFETY: the descriptor is the floor's epoll, open for the whole run.
-            let watched = unsafe {
-                AsyncFd::register_with_interest(EpollFd(floor.borrow().epoll), Interest::READABLE)?
-            };
-            let relay = Rc::clone(&floor);
-            tokio::task::spawn_local(async move {
-                let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
-                loop {
-                    let Ok(mut ready) = watched.readable().await else {
-                        return;
-                    };
-                    // Fewer events than room for them: the ready list is empty now. A
-                    // later event re-arms tokio's readiness past this clear (its tick).
-                    match relay.borrow_mut().turn(&mut events, 0) {
-                        Ok(n) if n < events.len() => ready.clear_ready(),
-                        Ok(_) => {}
-                        Err(_) => return,
+            let hand_over: Box<dyn Fn(RawFd, RawFd)> = if args.threaded {
+                let wake =
+                    check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+                let (handed, taken) = mpsc::channel::<(RawFd, RawFd)>();
+                std::thread::spawn(move || relay_thread(wake, taken));
+                Box::new(move |client, server| {
+                    if handed.send((client, server)).is_ok() {
+                        let one = 1u64;
+                        unsafe { libc::write(wake, &one as *const u64 as *const libc::c_void, 8) };
                     }
-                }
-            });
+                })
+            } else {
+                let floor = Rc::new(RefCell::new(Floor::new()?));
+                // SAFETY: the descriptor is the floor's epoll, open for the whole run.
+                let watched = unsafe {
+                    AsyncFd::register_with_interest(
+                        EpollFd(floor.borrow().epoll),
+                        Interest::READABLE,
+                    )?
+                };
+                let relay = Rc::clone(&floor);
+                tokio::task::spawn_local(async move {
+                    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
+                    loop {
+                        let Ok(mut ready) = watched.readable().await else {
+                            return;
+                        };
+                        // Fewer events than room for them: the ready list is empty now. A
+                        // later event re-arms tokio's readiness past this clear (its tick).
+                        match relay.borrow_mut().turn(&mut events, 0, |_| {}) {
+                            Ok(n) if n < events.len() => ready.clear_ready(),
+                            Ok(_) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+                Box::new(move |client, server| floor.borrow_mut().add(client, server))
+            };
+            let hand_over = Rc::new(hand_over);
             let listener = TcpListener::bind(args.listen).await?;
             let mut turn = 0usize;
             loop {
@@ -667,7 +701,7 @@ mod nested {
                 };
                 let backend = args.backends[turn % args.backends.len()];
                 turn = turn.wrapping_add(1);
-                let floor = Rc::clone(&floor);
+                let hand_over = Rc::clone(&hand_over);
                 tokio::task::spawn_local(async move {
                     let _ = client.set_nodelay(true);
                     let Ok(server) = TcpStream::connect(backend).await else {
@@ -678,11 +712,30 @@ mod nested {
                     let (Ok(client), Ok(server)) = (client.into_std(), server.into_std()) else {
                         return;
                     };
-                    floor
-                        .borrow_mut()
-                        .add(client.into_raw_fd(), server.into_raw_fd());
+                    hand_over(client.into_raw_fd(), server.into_raw_fd());
                 });
             }
         })
+    }
+
+    /// `--threaded`: the relay's own loop, blocking in its `epoll_wait`; the hand-over
+    /// `eventfd` wakes it for new connections.
+    fn relay_thread(wake: RawFd, taken: mpsc::Receiver<(RawFd, RawFd)>) {
+        let Ok(mut floor) = Floor::new() else {
+            return;
+        };
+        let edge = (libc::EPOLLIN | libc::EPOLLET) as u32;
+        if floor.register(wake, WAKE, edge).is_err() {
+            return;
+        }
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
+        let take_handed = |floor: &mut Floor| {
+            let mut count = 0u64;
+            unsafe { libc::read(wake, &mut count as *mut u64 as *mut libc::c_void, 8) };
+            while let Ok((client, server)) = taken.try_recv() {
+                floor.add(client, server);
+            }
+        };
+        while floor.turn(&mut events, -1, take_handed).is_ok() {}
     }
 }
