@@ -346,8 +346,8 @@ impl Worker {
 /// async block keeps the handshake's `Option<TunnelTask>` beside the tunnel moved out of it
 /// (measured when the tunnel was 112 bytes: a 384-byte task per tunnel, 256 this way).
 /// Not futures-util's `then` either: every wake-up of the tunnel comes through this poll,
-/// and its `Flatten` and `OptionFuture` layers cost ~40 instructions per wake-up over the
-/// one match here (callgrind, BENCHMARKS.md).
+/// and its `Flatten` and `OptionFuture` layers cost ~20 instructions per wake-up more
+/// than the one match here (callgrind: 2,242 against 2,223 per read, BENCHMARKS.md).
 enum Connection<H> {
     Handshake(Pin<Box<H>>),
     Tunnel(TunnelTask),
