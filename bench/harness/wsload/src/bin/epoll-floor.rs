@@ -10,7 +10,7 @@
 //! wsgate's `whole_message_run`, and a header split over two reads carried to the next.
 //!
 //! With `--nested` the same relay loop runs inside tokio's current-thread runtime, as it
-//! would inside a wsgate worker (module `nested`): tokio accepts and dials, then the
+//! would inside a wsgate worker (module `on_tokio`): tokio accepts and dials, then the
 //! sockets move to the relay's epoll, which tokio watches. With `--threaded` tokio
 //! accepts and dials the same way and hands the sockets to a relay thread that blocks in
 //! its own `epoll_wait`.
@@ -23,9 +23,10 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 
 use clap::Parser;
+use socket2::{Domain, Protocol, Socket, Type};
 
 #[derive(Parser, Debug)]
 #[command(about = "A frame-checking WebSocket relay on one raw epoll loop (a relay's floor)")]
@@ -49,10 +50,9 @@ struct Args {
     threaded: bool,
 }
 
-/// The epoll token of the listening socket; a leg's token is its slot plus one.
-const LISTENER: u64 = 0;
-/// The token of the relay thread's hand-over `eventfd` (`--threaded`).
-const WAKE: u64 = 0;
+/// The epoll token of the loop's own descriptor: the listening socket, or with
+/// `--threaded` the hand-over `eventfd`. A leg's token is its slot plus one.
+const OWN: u64 = 0;
 /// Bytes read per `recv`, as wsgate's relay reads.
 const READ_CHUNK: usize = 16 * 1024;
 /// A leg stops being read while this much waits toward its peer.
@@ -79,7 +79,8 @@ struct Frames {
     carry_len: usize,
 }
 
-/// The length of the frame header that starts with `b0`, `b1`.
+/// The length of a frame header whose second byte is `b1` (the MASK bit and the length
+/// code).
 fn header_len(b1: u8) -> usize {
     let mask = if b1 & MASKED != 0 { 4 } else { 0 };
     mask + match b1 & 0x7f {
@@ -238,44 +239,26 @@ struct Floor {
     buf: Vec<u8>,
 }
 
+/// A non-blocking socket with Nagle off, its connect to `backend` started.
+fn dial(backend: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(backend),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&backend.into()) {
+        Err(err) if err.raw_os_error() != Some(libc::EINPROGRESS) => Err(err),
+        _ => Ok(socket),
+    }
+}
+
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(ret)
     }
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
 }
 
 /// Sends what the socket takes of `bytes` now: 0 when it takes nothing (`EAGAIN`).
@@ -299,19 +282,6 @@ fn send_some(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     }
 }
 
-fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
 impl Floor {
     fn new() -> io::Result<Floor> {
         Ok(Floor {
@@ -324,12 +294,13 @@ impl Floor {
     }
 
     /// Handles up to `events.len()` ready events, waiting at most `timeout_ms`; returns
-    /// how many there were. `on_wake` takes the [`WAKE`] token's events.
+    /// how many there were. `on_own` takes the events of the loop's own descriptor
+    /// ([`OWN`]).
     fn turn(
         &mut self,
         events: &mut [libc::epoll_event],
         timeout_ms: libc::c_int,
-        mut on_wake: impl FnMut(&mut Floor),
+        mut on_own: impl FnMut(&mut Floor),
     ) -> io::Result<usize> {
         let n = unsafe {
             libc::epoll_wait(
@@ -349,8 +320,8 @@ impl Floor {
         }
         for event in &events[..n as usize] {
             let (token, bits) = (event.u64, event.events);
-            if token == WAKE {
-                on_wake(self);
+            if token == OWN {
+                on_own(self);
             } else {
                 self.event(token as usize - 1, bits);
             }
@@ -379,47 +350,15 @@ impl Floor {
     }
 
     /// Accepts one client and starts connecting it to `backend`.
-    fn accept(&mut self, listener: RawFd, backend: SocketAddr) {
-        let client = unsafe {
-            libc::accept4(
-                listener,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
-        };
-        if client < 0 {
+    fn accept(&mut self, listener: &Socket, backend: SocketAddr) {
+        let Ok((client, _)) = listener.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) else {
             return;
-        }
-        set_nodelay(client);
-        let family = if backend.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
         };
-        let server = unsafe {
-            libc::socket(
-                family,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
+        let Ok(server) = dial(backend) else {
+            return;
         };
-        if server < 0 {
-            unsafe { libc::close(client) };
-            return;
-        }
-        set_nodelay(server);
-        let (addr, len) = sockaddr(backend);
-        let connected =
-            unsafe { libc::connect(server, &addr as *const _ as *const libc::sockaddr, len) };
-        if connected < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
-            unsafe {
-                libc::close(client);
-                libc::close(server);
-            }
-            return;
-        }
-        self.add(client, server);
+        let _ = client.set_tcp_nodelay(true);
+        self.add(client.into_raw_fd(), server.into_raw_fd());
     }
 
     /// Takes over a client's and its backend's sockets (non-blocking, the backend's
@@ -585,58 +524,37 @@ impl Floor {
 fn main() -> io::Result<()> {
     let args = Args::parse();
     if args.nested || args.threaded {
-        return nested::run(args);
+        return on_tokio::run(args);
     }
-    let listener = TcpListener::bind(args.listen)?;
+    let listener = Socket::from(TcpListener::bind(args.listen)?);
     listener.set_nonblocking(true)?;
-    let listener = listener.into_raw_fd();
     let mut floor = Floor::new()?;
     // Level-triggered, one accept per event, as nginx without `multi_accept`.
-    floor.register(listener, LISTENER, libc::EPOLLIN as u32)?;
+    floor.register(listener.as_raw_fd(), OWN, libc::EPOLLIN as u32)?;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
-    let mut turn = 0usize;
+    let mut backends = args.backends.iter().copied().cycle();
     loop {
-        let n = unsafe {
-            libc::epoll_wait(
-                floor.epoll,
-                events.as_mut_ptr(),
-                events.len() as libc::c_int,
-                -1,
-            )
-        };
-        if n < 0 {
-            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
+        floor.turn(&mut events, -1, |floor| {
+            if let Some(backend) = backends.next() {
+                floor.accept(&listener, backend);
             }
-            return Err(io::Error::last_os_error());
-        }
-        for event in &events[..n as usize] {
-            let (token, bits) = (event.u64, event.events);
-            if token == LISTENER {
-                let backend = args.backends[turn % args.backends.len()];
-                turn = turn.wrapping_add(1);
-                floor.accept(listener, backend);
-            } else {
-                floor.event(token as usize - 1, bits);
-            }
-        }
-        floor.free.append(&mut floor.closed);
+        })?;
     }
 }
 
-/// `--nested`: the relay loop inside tokio's current-thread runtime.
-mod nested {
+/// `--nested` and `--threaded`: tokio accepts and dials, as a wsgate worker's handshake
+/// does, and hands the sockets to the relay loop, inside tokio or on a thread of its own.
+mod on_tokio {
     use std::cell::RefCell;
     use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
     use std::rc::Rc;
+    use std::sync::mpsc;
 
     use tokio::io::unix::AsyncFd;
     use tokio::io::Interest;
     use tokio::net::{TcpListener, TcpStream};
 
-    use std::sync::mpsc;
-
-    use super::{check, io, Args, Floor, WAKE};
+    use super::{check, io, Args, Floor, OWN};
 
     /// The relay's epoll descriptor, as tokio's reactor watches it.
     struct EpollFd(RawFd);
@@ -693,14 +611,15 @@ mod nested {
             };
             let hand_over = Rc::new(hand_over);
             let listener = TcpListener::bind(args.listen).await?;
-            let mut turn = 0usize;
+            let mut backends = args.backends.iter().copied().cycle();
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 };
-                let backend = args.backends[turn % args.backends.len()];
-                turn = turn.wrapping_add(1);
+                let Some(backend) = backends.next() else {
+                    continue;
+                };
                 let hand_over = Rc::clone(&hand_over);
                 tokio::task::spawn_local(async move {
                     let _ = client.set_nodelay(true);
@@ -725,7 +644,7 @@ mod nested {
             return;
         };
         let edge = (libc::EPOLLIN | libc::EPOLLET) as u32;
-        if floor.register(wake, WAKE, edge).is_err() {
+        if floor.register(wake, OWN, edge).is_err() {
             return;
         }
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
