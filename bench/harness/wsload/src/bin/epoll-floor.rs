@@ -1,8 +1,9 @@
 //! epoll-floor: the least a frame-checking WebSocket relay can cost without an async
 //! runtime, to measure how far a relay on its own event loop could go beside nginx.
 //!
-//! One thread, one edge-triggered epoll, raw `recv`/`send`, nginx's shape: the listening
-//! socket level-triggered with one `accept4` per event, both legs registered once for
+//! One thread, one edge-triggered epoll, plain `recv`/`send` calls (through socket2's
+//! `Socket`, which owns each descriptor), nginx's shape: the listening socket
+//! level-triggered with one `accept4` per event, both legs registered once for
 //! reading and writing, no `epoll_ctl` after that, `close` without deregistering. Each
 //! direction's bytes pass through as they came, after the HTTP head, checked frame by
 //! frame as wsgate's relay checks them (FIN with text or binary, the MASK bit the leg
@@ -21,9 +22,9 @@
 //!   epoll-floor [--nested | --threaded] --listen 127.0.0.1:8097 --backends 127.0.0.1:9001,127.0.0.1:9002
 //!   bench/run.sh "epoll-floor=bench/harness/wsload/target/release/epoll-floor --listen 127.0.0.1:{PORT} --backends {BACKENDS},8097"
 
-use std::io;
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
 
 use clap::Parser;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -214,9 +215,10 @@ fn whole_message_run<const MASKED_LEG: bool>(data: &[u8]) -> &[u8] {
     rest
 }
 
-/// One side of a tunnel: its socket, what it has sent (checked), what waits toward it.
+/// One side of a tunnel: its socket (closed when the leg is dropped, without
+/// `EPOLL_CTL_DEL`: closing removes it), what it has sent (checked), what waits toward it.
 struct Leg {
-    fd: RawFd,
+    socket: Socket,
     peer: usize,
     /// Clients mask their frames.
     masked: bool,
@@ -262,23 +264,10 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// Sends what the socket takes of `bytes` now: 0 when it takes nothing (`EAGAIN`).
-fn send_some(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
-    let n = unsafe {
-        libc::send(
-            fd,
-            bytes.as_ptr() as *const libc::c_void,
-            bytes.len(),
-            libc::MSG_NOSIGNAL,
-        )
-    };
-    if n >= 0 {
-        return Ok(n as usize);
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EAGAIN) {
-        Ok(0)
-    } else {
-        Err(err)
+fn send_some(socket: &Socket, bytes: &[u8]) -> io::Result<usize> {
+    match socket.send_with_flags(bytes, libc::MSG_NOSIGNAL) {
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        sent => sent,
     }
 }
 
@@ -358,14 +347,15 @@ impl Floor {
             return;
         };
         let _ = client.set_tcp_nodelay(true);
-        self.add(client.into_raw_fd(), server.into_raw_fd());
+        self.add(client, server);
     }
 
     /// Takes over a client's and its backend's sockets (non-blocking, the backend's
     /// connect started) as one tunnel.
-    fn add(&mut self, client: RawFd, server: RawFd) {
-        let leg = |fd, masked| Leg {
-            fd,
+    fn add(&mut self, client: Socket, server: Socket) {
+        let (client_fd, server_fd) = (client.as_raw_fd(), server.as_raw_fd());
+        let leg = |socket, masked| Leg {
+            socket,
             peer: 0,
             masked,
             frames: Frames::default(),
@@ -379,8 +369,8 @@ impl Floor {
         self.leg(c).peer = s;
         self.leg(s).peer = c;
         let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-        if self.register(client, c as u64 + 1, events).is_err()
-            || self.register(server, s as u64 + 1, events).is_err()
+        if self.register(client_fd, c as u64 + 1, events).is_err()
+            || self.register(server_fd, s as u64 + 1, events).is_err()
         {
             self.close(c);
         }
@@ -390,11 +380,10 @@ impl Floor {
         self.legs[i].as_mut().expect("a live leg")
     }
 
-    /// Closes both legs of `i`'s tunnel (no `EPOLL_CTL_DEL`: closing removes them).
+    /// Closes both legs of `i`'s tunnel.
     fn close(&mut self, i: usize) {
         for j in [i, self.leg(i).peer] {
-            if let Some(leg) = self.legs[j].take() {
-                unsafe { libc::close(leg.fd) };
+            if self.legs[j].take().is_some() {
                 self.closed.push(j);
             }
         }
@@ -405,7 +394,7 @@ impl Floor {
         let leg = self.leg(i);
         let mut sent = 0;
         while sent < leg.pending.len() {
-            match send_some(leg.fd, &leg.pending[sent..]) {
+            match send_some(&leg.socket, &leg.pending[sent..]) {
                 Ok(0) => break,
                 Ok(n) => sent += n,
                 Err(_) => return false,
@@ -426,23 +415,16 @@ impl Floor {
                 self.leg(i).throttled = true;
                 return true;
             }
-            let fd = self.leg(i).fd;
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    self.buf.as_mut_ptr() as *mut libc::c_void,
-                    READ_CHUNK,
-                    0,
-                )
+            let Floor { legs, buf, .. } = &mut *self;
+            let read = legs[i].as_ref().map(|leg| (&leg.socket).read(buf));
+            let n = match read.expect("a live leg") {
+                Ok(0) => {
+                    self.leg(i).read_eof = true;
+                    return self.pass_eof(i);
+                }
+                Ok(n) => n,
+                Err(err) => return err.kind() == io::ErrorKind::WouldBlock,
             };
-            if n < 0 {
-                return io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN);
-            }
-            if n == 0 {
-                self.leg(i).read_eof = true;
-                return self.pass_eof(i);
-            }
-            let n = n as usize;
             let buf = std::mem::take(&mut self.buf);
             let ok = self.forward(i, peer, &buf[..n]);
             self.buf = buf;
@@ -470,7 +452,7 @@ impl Floor {
             out.pending.extend_from_slice(data);
             return true;
         }
-        let Ok(sent) = send_some(out.fd, data) else {
+        let Ok(sent) = send_some(&out.socket, data) else {
             return false;
         };
         out.pending.extend_from_slice(&data[sent..]);
@@ -484,7 +466,7 @@ impl Floor {
         let (eof, out) = (self.leg(i).read_eof, self.leg(peer));
         if eof && out.pending.is_empty() && !out.write_shut {
             out.write_shut = true;
-            unsafe { libc::shutdown(out.fd, libc::SHUT_WR) };
+            let _ = out.socket.shutdown(Shutdown::Write);
         }
         !(self.leg(i).read_eof
             && self.leg(peer).read_eof
@@ -546,7 +528,7 @@ fn main() -> io::Result<()> {
 /// does, and hands the sockets to the relay loop, inside tokio or on a thread of its own.
 mod on_tokio {
     use std::cell::RefCell;
-    use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+    use std::os::fd::{AsRawFd, RawFd};
     use std::rc::Rc;
     use std::sync::mpsc;
 
@@ -554,7 +536,7 @@ mod on_tokio {
     use tokio::io::Interest;
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::{check, io, Args, Floor, OWN};
+    use super::{check, io, Args, Floor, Socket, OWN};
 
     /// The relay's epoll descriptor, as tokio's reactor watches it.
     struct EpollFd(RawFd);
@@ -571,10 +553,10 @@ mod on_tokio {
             .build()?;
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
-            let hand_over: Box<dyn Fn(RawFd, RawFd)> = if args.threaded {
+            let hand_over: Box<dyn Fn(Socket, Socket)> = if args.threaded {
                 let wake =
                     check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
-                let (handed, taken) = mpsc::channel::<(RawFd, RawFd)>();
+                let (handed, taken) = mpsc::channel::<(Socket, Socket)>();
                 std::thread::spawn(move || relay_thread(wake, taken));
                 Box::new(move |client, server| {
                     if handed.send((client, server)).is_ok() {
@@ -631,7 +613,7 @@ mod on_tokio {
                     let (Ok(client), Ok(server)) = (client.into_std(), server.into_std()) else {
                         return;
                     };
-                    hand_over(client.into_raw_fd(), server.into_raw_fd());
+                    hand_over(Socket::from(client), Socket::from(server));
                 });
             }
         })
@@ -639,7 +621,7 @@ mod on_tokio {
 
     /// `--threaded`: the relay's own loop, blocking in its `epoll_wait`; the hand-over
     /// `eventfd` wakes it for new connections.
-    fn relay_thread(wake: RawFd, taken: mpsc::Receiver<(RawFd, RawFd)>) {
+    fn relay_thread(wake: RawFd, taken: mpsc::Receiver<(Socket, Socket)>) {
         let Ok(mut floor) = Floor::new() else {
             return;
         };
