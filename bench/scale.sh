@@ -5,8 +5,9 @@
 #   bench/scale.sh                       # 100,000 tunnels, 75 s held, pings every 30 s
 #   TOTAL=20000 HOLD=20 bench/scale.sh   # smaller
 #
-# One process can hold at most (open-file limit − a few) / 2 tunnels: each tunnel is two
-# sockets in the gateway. The hard limit here is 20,000 and cannot be raised without
+# One process holds at most (open-file limit − reserve) / 2 tunnels: each tunnel is two
+# sockets in the gateway, which refuses upgrades beyond that room with 503 (see
+# `tunnel_room` in src/limits.rs). The hard limit here is 20,000 and cannot be raised without
 # CAP_SYS_RESOURCE, so the tunnels are spread over REPLICAS gateway processes — the way
 # wsgate scales out behind an L4 balancer — each with its own echo backend and its own
 # load-generator process (which have the same limit), clients coming from 127.x.y.z
@@ -24,7 +25,9 @@ HOLD=${HOLD:-75}
 PING=${PING:-30s}
 NOFILE=$(ulimit -Hn)
 ulimit -n "$NOFILE"
-PER_PROCESS_MAX=$(((NOFILE - 200) / 2))
+# The gateway's own room (src/limits.rs: reserved_descriptors, tunnel_room).
+RESERVE=$((128 + NOFILE / 64)); ((RESERVE > NOFILE / 2)) && RESERVE=$((NOFILE / 2))
+PER_PROCESS_MAX=$(((NOFILE - RESERVE) / 2))
 REPLICAS=${REPLICAS:-$(((TOTAL + PER_PROCESS_MAX - 1) / PER_PROCESS_MAX))}
 PER=$((TOTAL / REPLICAS))
 RUN_DIR=${RUN_DIR:-/tmp/wsgate-scale.$$}

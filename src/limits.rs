@@ -1,9 +1,17 @@
 //! Edge protection counters: how many tunnels are open in total, per route and per client
-//! address, and the permits that hold a tunnel's place until it ends.
+//! address, and the permits that hold a tunnel's place until it ends; and the process's
+//! open-file limit, which caps the total whatever the configuration says.
 //!
 //! Every handshake takes three permits and every tunnel's end gives them back, so what a
 //! count costs is paid twice per connection: the gateway-wide count is one atomic, and
 //! the per-key counts hash their key with a hasher chosen for who picks the keys.
+//!
+//! Each tunnel holds two sockets, so a gateway whose open-file limit is lower than twice
+//! its tunnels would run out of descriptors mid-handshake: `accept` fails and clients
+//! wait in the kernel's queue with no answer. Instead the total is capped at what the
+//! limit leaves room for ([`tunnel_room`]), and an upgrade above it gets the same 503 +
+//! `Retry-After` as one above `max_connections`, while a reserve of descriptors keeps
+//! the gateway able to accept, answer plain HTTP and refuse.
 
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::IpAddr;
@@ -123,11 +131,83 @@ impl Drop for TotalPermit {
 type RouteHasher = foldhash::fast::RandomState;
 
 /// The counters the gateway enforces its limits with.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Limits {
     pub total: Arc<Total>,
     pub per_route: Arc<Counter<Arc<str>, RouteHasher>>,
     pub per_ip: Arc<Counter<IpAddr>>,
+    /// Tunnels the open-file limit leaves room for (see [`tunnel_room`]).
+    pub tunnel_room: usize,
+}
+
+impl Limits {
+    /// Counters at zero, the total capped at `tunnel_room`.
+    pub fn new(tunnel_room: usize) -> Limits {
+        Limits {
+            total: Arc::default(),
+            per_route: Arc::default(),
+            per_ip: Arc::default(),
+            tunnel_room,
+        }
+    }
+
+    /// The gateway-wide cap in effect for `max_connections` (0 = none): the lower of it and
+    /// the room the open-file limit leaves, with the name of whichever sets it (for the
+    /// refusal's text).
+    pub fn total_cap(&self, max_connections: usize) -> (usize, &'static str) {
+        if max_connections == 0 || max_connections > self.tunnel_room {
+            (self.tunnel_room, "open-file limit")
+        } else {
+            (max_connections, "gateway max_connections")
+        }
+    }
+}
+
+/// Descriptors kept out of tunnels' reach: the listening sockets (one per worker and
+/// listener), the workers' event queues, the admin listener, health checks, plain HTTP
+/// requests and their backend connections, and clients being refused. A fixed part for a
+/// small limit, and a share of a large one, where more of everything runs; never more
+/// than half the limit.
+fn reserved_descriptors(limit: u64) -> u64 {
+    (128 + limit / 64).min(limit / 2)
+}
+
+/// Tunnels a process with the open-file limit `limit` has room for: two sockets each,
+/// after the reserve. `None` (no limit, or unknown) leaves no cap.
+pub fn tunnel_room(limit: Option<u64>) -> usize {
+    match limit {
+        Some(limit) if limit != rlimit::INFINITY => {
+            usize::try_from((limit - reserved_descriptors(limit)) / 2).unwrap_or(usize::MAX)
+        }
+        _ => usize::MAX,
+    }
+}
+
+/// The process's open-file limit (the soft one, which the kernel enforces); `None` if
+/// there is none or it cannot be read.
+pub fn open_file_limit() -> Option<u64> {
+    match rlimit::Resource::NOFILE.get() {
+        Ok((soft, _)) if soft != rlimit::INFINITY => Some(soft),
+        _ => None,
+    }
+}
+
+/// The open-file limit before and after [`raise_open_file_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFileLimit {
+    pub before: u64,
+    pub now: u64,
+}
+
+/// Raises the soft open-file limit to the hard one, as a server that holds a socket per
+/// client should: shells and systemd start services with a soft limit of 1,024 (room for
+/// 440 tunnels) under a hard one of 524,288 that the process may raise itself to. What
+/// an administrator sets (`ulimit -Hn`, systemd's `LimitNOFILE=`, docker's `--ulimit
+/// nofile=`) is the hard limit, and stays the ceiling.
+pub fn raise_open_file_limit() -> std::io::Result<OpenFileLimit> {
+    let (before, _) = rlimit::Resource::NOFILE.get()?;
+    let now = rlimit::increase_nofile_limit(u64::MAX)?;
+    Ok(OpenFileLimit { before, now })
 }
 
 /// The permits a tunnel holds for its life.
@@ -166,6 +246,29 @@ mod tests {
         assert_eq!(counter.count(&1), 1000);
         drop(held);
         assert_eq!(counter.count(&1), 0);
+    }
+
+    #[test]
+    fn the_open_file_limit_leaves_room_for_two_sockets_per_tunnel_after_a_reserve() {
+        // 1,024 (a shell's or systemd's default): 144 kept back.
+        assert_eq!(tunnel_room(Some(1024)), 440);
+        // This machine's hard limit: 440 kept back.
+        assert_eq!(tunnel_room(Some(20_000)), 9_780);
+        // Docker's and systemd's usual hard limits: a share of ~1.6 % kept back.
+        assert_eq!(tunnel_room(Some(524_288)), 257_984);
+        // A tiny limit keeps half for everything else, and still leaves some room.
+        assert_eq!(tunnel_room(Some(100)), 25);
+        assert_eq!(tunnel_room(None), usize::MAX);
+        assert_eq!(tunnel_room(Some(rlimit::INFINITY)), usize::MAX);
+    }
+
+    #[test]
+    fn the_total_cap_is_the_lower_of_max_connections_and_the_room() {
+        let limits = Limits::new(9_780);
+        assert_eq!(limits.total_cap(100), (100, "gateway max_connections"));
+        assert_eq!(limits.total_cap(9_780), (9_780, "gateway max_connections"));
+        assert_eq!(limits.total_cap(65_536), (9_780, "open-file limit"));
+        assert_eq!(limits.total_cap(0), (9_780, "open-file limit"));
     }
 
     #[test]

@@ -294,6 +294,9 @@ impl Worker {
                 return;
             }
         };
+        // Accept errors in a row: the first is a warning, the rest (every pause, for as long
+        // as the gateway is out of descriptors) are debug lines until an accept succeeds.
+        let mut failed_accepts: u64 = 0;
         loop {
             let accepting = *self.state.borrow_and_update();
             match accepting {
@@ -315,6 +318,10 @@ impl Worker {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((io, peer)) => {
+                        if failed_accepts > 0 {
+                            tracing::info!(listener = %name, failed_accepts, "accepting again");
+                            failed_accepts = 0;
+                        }
                         // Boxed: the handshake's state (and its handles on this worker's
                         // services) lives only until the upgrade is answered; the task
                         // then holds nothing but the tunnel (its actor's context and its
@@ -331,7 +338,12 @@ impl Worker {
                     }
                     Err(err) if is_connection_error(&err) => {}
                     Err(err) => {
-                        tracing::warn!(listener = %name, "accept failed: {err}; pausing {ACCEPT_ERROR_PAUSE:?}");
+                        if failed_accepts == 0 {
+                            tracing::warn!(listener = %name, "accept failed: {err}; retrying every {ACCEPT_ERROR_PAUSE:?} (quietly until it works again)");
+                        } else {
+                            tracing::debug!(listener = %name, failed_accepts, "accept failed: {err}");
+                        }
+                        failed_accepts += 1;
                         tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     }
                 },

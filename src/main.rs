@@ -37,6 +37,22 @@ fn health(admin: std::net::SocketAddr) -> std::io::Result<()> {
     }
 }
 
+/// Raises the soft open-file limit to the hard one before serving: each tunnel holds two
+/// sockets, and a default soft limit of 1,024 would cap the gateway at a few hundred.
+fn raise_open_file_limit() {
+    match wsgate::limits::raise_open_file_limit() {
+        Ok(limit) if limit.now > limit.before => {
+            tracing::info!(
+                from = limit.before,
+                to = limit.now,
+                "open-file limit raised to the hard limit"
+            )
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!("cannot raise the open-file limit: {err}"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
@@ -66,6 +82,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            raise_open_file_limit();
             match actix_rt::System::new().block_on(wsgate::run(config, Some(path))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
@@ -82,6 +99,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Echo { listen, name } => {
+            raise_open_file_limit();
             match actix_rt::System::new().block_on(demo::serve_echo(listen, &name)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
@@ -90,12 +108,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo { listen } => match actix_rt::System::new().block_on(demo::run(listen)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("{err}");
-                ExitCode::from(EXIT_START)
+        Command::Demo { listen } => {
+            raise_open_file_limit();
+            match actix_rt::System::new().block_on(demo::run(listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("{err}");
+                    ExitCode::from(EXIT_START)
+                }
             }
-        },
+        }
     }
 }

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::diff::{self, Change};
 use crate::config::{self, Config, ListenerConfig};
+use crate::limits::{self, Limits};
 use crate::listener::{self, BindError, RunningListener, Workers};
 use crate::proxy::Shared;
 use crate::proxy::upstream_client;
@@ -134,6 +135,22 @@ pub struct Started {
     pub admin: Option<SocketAddr>,
 }
 
+/// Says when `max_connections` asks for more tunnels than the open-file limit leaves room
+/// for: upgrades above the room get 503 whatever the file says, and the fix is outside
+/// the file.
+fn warn_if_out_of_room(limits: &Limits, max_connections: usize) {
+    if max_connections > limits.tunnel_room {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limits::open_file_limit(),
+            tunnel_room = limits.tunnel_room,
+            "max_connections is more tunnels than the open-file limit leaves room for: \
+             upgrades above tunnel_room get 503; raise the hard limit (ulimit -Hn, systemd \
+             LimitNOFILE=, docker --ulimit nofile=) or lower max_connections"
+        );
+    }
+}
+
 impl Supervisor {
     /// Binds every listener of `config`, publishes its first snapshot and, with a `path`,
     /// watches that file for changes. Call inside an actix system.
@@ -175,6 +192,15 @@ impl Supervisor {
             .collect();
         tracing::info!(generation = 1, sha256 = %config.source.sha256, path = %config.source.path,
             routes = config.routes.len(), upstreams = config.upstreams.len(), "configuration loaded");
+        match limits::open_file_limit() {
+            Some(limit) => tracing::info!(
+                open_file_limit = limit,
+                tunnel_room = shared.limits.tunnel_room,
+                "open files: room for tunnel_room tunnels (two sockets each, and a reserve)"
+            ),
+            None => tracing::info!("open files: no limit"),
+        }
+        warn_if_out_of_room(&shared.limits, config.gateway.max_connections);
         // The watcher is in place before this returns, so no edit made after start is missed.
         let ctx = Context::<Supervisor>::new();
         let watcher = path.as_ref().and_then(|path| {
@@ -248,6 +274,9 @@ impl Supervisor {
         let generation = self.shared.generation();
         tracing::info!(generation, sha256 = %new.source.sha256, trigger,
             changes = %diff::summary(&changes), "configuration applied");
+        if new.gateway.max_connections != self.config.gateway.max_connections {
+            warn_if_out_of_room(&self.shared.limits, new.gateway.max_connections);
+        }
         self.shared.metrics.reload("applied");
         self.drain(&changes, &new);
         self.config = new;

@@ -1,10 +1,13 @@
 //! Edge protection: allowed origins (403), connection caps per route and in total (503
-//! with Retry-After), per client address (429). Each limit answers before a backend is
-//! dialled, and gives its place back when a tunnel ends.
+//! with Retry-After), per client address (429), and the open-file limit (503 too, rather
+//! than running out of descriptors). Each limit answers before a backend is dialled, and
+//! gives its place back when a tunnel ends.
 
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -253,4 +256,124 @@ async fn a_server_at_its_max_connections_takes_no_more_tunnels() {
     })
     .await;
     assert_eq!(whoami(&mut next).await, "full");
+}
+
+/// The upgrade request [`http`] sends to see a refusal's status and headers.
+fn upgrade_request(a: std::net::SocketAddr) -> String {
+    format!(
+        "GET / HTTP/1.1\r\nHost: {a}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
+/// Started with a soft open-file limit of 256 under a hard one of 400, the binary raises
+/// the soft one to 400 and takes (400 - 134 reserved) / 2 = 133 tunnels: the next upgrade
+/// gets 503 + Retry-After at once, where it used to be accepted into a gateway out of
+/// descriptors and wait with no answer. A tunnel that ends gives its place back, and the
+/// log says what caps the tunnels and how to lift it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
+    let backend = WsBackend::start("b", Behavior::Echo).await;
+    let port = free_port();
+    let admin = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    // max_connections stays at its default (65,536): far more than the limit allows.
+    std::fs::write(
+        &path,
+        format!(
+            "[gateway]\nworkers = 1\nadmin = \"127.0.0.1:{admin}\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\
+             [[route]]\nupstream = \"u\"\naccess_log = false\n[upstream.u]\nservers = [\"{}\"]\n",
+            backend.addr
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+    command
+        .args(["--log-format", "json", "run", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec the child only makes the setrlimit system call.
+    unsafe {
+        command.pre_exec(|| rlimit::setrlimit(rlimit::Resource::NOFILE, 256, 400));
+    }
+    let child = Process::new(command.spawn().unwrap());
+    wait_listening(port);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        open_files.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["400", "400"],
+        "the soft limit is raised to the hard one: {open_files}"
+    );
+    let (status, _, body) = http(
+        ([127, 0, 0, 1], admin).into(),
+        "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status["open_file_limit"], 400, "{status}");
+    assert_eq!(status["tunnel_room"], 133, "{status}");
+
+    let a = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let url = format!("ws://{a}/");
+    let mut tunnels = Vec::with_capacity(133);
+    for _ in 0..133 {
+        tunnels.push(connect(&url).await);
+    }
+    let (status, head, body) = http(a, &upgrade_request(a)).await;
+    assert_eq!(status, 503, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    assert!(
+        String::from_utf8_lossy(&body).contains("open-file limit"),
+        "the refusal names what is full: {}",
+        String::from_utf8_lossy(&body)
+    );
+    // Every tunnel still relays.
+    for ws in tunnels.iter_mut().step_by(33) {
+        ws.send(Message::text("still here")).await.unwrap();
+        assert_eq!(next_data(ws).await, Message::text("still here"));
+    }
+    let mut first = tunnels.swap_remove(0);
+    first.close(None).await.unwrap();
+    let _ = close_code(&mut first).await;
+    eventually("the ended tunnel's place is given back", STEP, || async {
+        with_origin(&url, None).await.ok()
+    })
+    .await;
+
+    drop(tunnels);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let child = child.into_inner();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let raised = lines
+        .iter()
+        .find(|l| l["message"] == "open-file limit raised to the hard limit")
+        .unwrap_or_else(|| panic!("no line says the limit was raised:\n{stderr}"));
+    assert_eq!((&raised["from"], &raised["to"]), (&256.into(), &400.into()));
+    let warned = lines
+        .iter()
+        .find(|l| l["level"] == "WARN" && l["max_connections"] == 65_536)
+        .unwrap_or_else(|| panic!("no warning that max_connections cannot be reached:\n{stderr}"));
+    assert_eq!(warned["tunnel_room"], 133, "{warned}");
+    assert!(
+        warned["message"].as_str().unwrap().contains("ulimit -Hn"),
+        "the warning says how to lift the limit: {warned}"
+    );
 }

@@ -303,8 +303,9 @@ fn permits(shared: &Shared, matched: &super::Matched) -> Result<Permits, ProxyEr
     ) else {
         return Err(ProxyError::TooManyFromAddress);
     };
-    let Some(total) = limits.total.acquire(gateway.max_connections) else {
-        return Err(ProxyError::Busy("gateway max_connections"));
+    let (total_cap, cap_name) = limits.total_cap(gateway.max_connections);
+    let Some(total) = limits.total.acquire(total_cap) else {
+        return Err(ProxyError::Busy(cap_name));
     };
     let Some(route) = limits.per_route.acquire(
         matched.route.label.clone(),
