@@ -200,10 +200,11 @@ pub struct OpenFileLimit {
 }
 
 /// Raises the soft open-file limit to the hard one, as a server that holds a socket per
-/// client should: shells and systemd start services with a soft limit of 1,024 (room for
-/// 440 tunnels) under a hard one of 524,288 that the process may raise itself to. What
-/// an administrator sets (`ulimit -Hn`, systemd's `LimitNOFILE=`, docker's `--ulimit
-/// nofile=`) is the hard limit, and stays the ceiling.
+/// client should: systemd starts services with a soft limit of 1,024 (room for 440
+/// tunnels) under a hard one of 524,288 that the process may raise itself to, and login
+/// shells often hand out the same 1,024. What an administrator sets (`ulimit -Hn`,
+/// systemd's `LimitNOFILE=`, docker's `--ulimit nofile=`) is the hard limit, and stays
+/// the ceiling.
 pub fn raise_open_file_limit() -> std::io::Result<OpenFileLimit> {
     let (before, _) = rlimit::Resource::NOFILE.get()?;
     let now = rlimit::increase_nofile_limit(u64::MAX)?;

@@ -196,7 +196,7 @@ impl Supervisor {
             Some(limit) => tracing::info!(
                 open_file_limit = limit,
                 tunnel_room = shared.limits.tunnel_room,
-                "open files: room for tunnel_room tunnels (two sockets each, and a reserve)"
+                "open files: the limit leaves room for tunnel_room tunnels (two sockets each, after a reserve)"
             ),
             None => tracing::info!("open files: no limit"),
         }

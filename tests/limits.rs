@@ -278,16 +278,20 @@ async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
     let admin = free_port();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
+    let write_config = |gateway_extra: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[gateway]\nworkers = 1\nadmin = \"127.0.0.1:{admin}\"\n{gateway_extra}\n\
+                 [[listener]]\nbind = \"127.0.0.1:{port}\"\n\
+                 [[route]]\nupstream = \"u\"\naccess_log = false\n[upstream.u]\nservers = [\"{}\"]\n",
+                backend.addr
+            ),
+        )
+        .unwrap()
+    };
     // max_connections stays at its default (65,536): far more than the limit allows.
-    std::fs::write(
-        &path,
-        format!(
-            "[gateway]\nworkers = 1\nadmin = \"127.0.0.1:{admin}\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\
-             [[route]]\nupstream = \"u\"\naccess_log = false\n[upstream.u]\nservers = [\"{}\"]\n",
-            backend.addr
-        ),
-    )
-    .unwrap();
+    write_config("");
     let mut command = Command::new(env!("CARGO_BIN_EXE_wsgate"));
     command
         .args(["--log-format", "json", "run", "-c"])
@@ -309,13 +313,15 @@ async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
         ["400", "400"],
         "the soft limit is raised to the hard one: {open_files}"
     );
-    let (status, _, body) = http(
-        ([127, 0, 0, 1], admin).into(),
-        "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status, 200);
-    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let admin_status = || async {
+        let (_, _, body) = http(
+            ([127, 0, 0, 1], admin).into(),
+            "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    let status = admin_status().await;
     assert_eq!(status["open_file_limit"], 400, "{status}");
     assert_eq!(status["tunnel_room"], 133, "{status}");
 
@@ -336,7 +342,7 @@ async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
         "the refusal names what is full: {}",
         String::from_utf8_lossy(&body)
     );
-    // Every tunnel still relays.
+    // Tunnels from first to last still relay.
     for ws in tunnels.iter_mut().step_by(33) {
         ws.send(Message::text("still here")).await.unwrap();
         assert_eq!(next_data(ws).await, Message::text("still here"));
@@ -350,18 +356,16 @@ async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
     .await;
 
     drop(tunnels);
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let child = child.into_inner();
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let lines: Vec<serde_json::Value> = stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    // A reload that changes max_connections is checked against the room too: within it,
+    // no warning; above it, one.
+    for (max, reloaded) in [(100, 2), (1_000, 3)] {
+        write_config(&format!("max_connections = {max}"));
+        eventually("the reload is applied", STEP, || async {
+            (admin_status().await["generation"].as_u64()? >= reloaded).then_some(())
+        })
+        .await;
+    }
+    let (stderr, lines) = stop_and_read_json_log(child).await;
     let raised = lines
         .iter()
         .find(|l| l["message"] == "open-file limit raised to the hard limit")
@@ -375,5 +379,15 @@ async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
     assert!(
         warned["message"].as_str().unwrap().contains("ulimit -Hn"),
         "the warning says how to lift the limit: {warned}"
+    );
+    let warned_for = |max: u64| {
+        lines
+            .iter()
+            .any(|l| l["level"] == "WARN" && l["max_connections"] == max)
+    };
+    assert!(!warned_for(100), "100 tunnels fit in the room:\n{stderr}");
+    assert!(
+        warned_for(1_000),
+        "a reload to 1,000 is warned about:\n{stderr}"
     );
 }

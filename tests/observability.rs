@@ -207,17 +207,9 @@ async fn a_tunnel_writes_one_json_access_log_line() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let child = child.into_inner();
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let access: Vec<serde_json::Value> = stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let (stderr, lines) = stop_and_read_json_log(child).await;
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
         .filter(|v| v["target"] == "wsgate::access")
         .collect();
     let http_line = access

@@ -75,6 +75,25 @@ impl Drop for Process {
     }
 }
 
+/// Stops a gateway process the way an orchestrator does (SIGTERM, a graceful shutdown),
+/// waits for it, and returns what it wrote to its standard error (piped, with
+/// `--log-format json`) and the JSON log lines in it.
+pub async fn stop_and_read_json_log(child: Process) -> (String, Vec<serde_json::Value>) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let child = child.into_inner();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let lines = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (stderr, lines)
+}
+
 /// Every test step that waits on the network waits at most this long.
 pub const STEP: Duration = Duration::from_secs(10);
 
