@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 use crate::proxy::Shared;
 
@@ -25,6 +26,7 @@ pub const GENERATION: &str = "wsgate_config_generation";
 pub const TUNNELS_ROUTE: &str = "wsgate_live_tunnels_by_route";
 pub const TUNNELS_SERVER: &str = "wsgate_live_tunnels_by_server";
 pub const SERVER_UP: &str = "wsgate_server_up";
+pub const MAX_TUNNELS: &str = "wsgate_max_tunnels";
 
 type Labels = Vec<(String, String)>;
 
@@ -73,6 +75,8 @@ pub struct Metrics {
     tunnels_route: Family<Labels, Gauge>,
     tunnels_server: Family<Labels, Gauge>,
     server_up: Family<Labels, Gauge>,
+    /// +Inf when nothing caps the tunnels.
+    max_tunnels: Gauge<f64, AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +105,7 @@ impl Default for Metrics {
             tunnels_route: Family::default(),
             tunnels_server: Family::default(),
             server_up: Family::default(),
+            max_tunnels: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -154,6 +159,11 @@ impl Default for Metrics {
             SERVER_UP,
             "1 if the server is in rotation (health checks)",
             m.server_up.clone(),
+        );
+        registry.register(
+            MAX_TUNNELS,
+            "Tunnels the gateway takes at most: the lower of max_connections and what the open-file limit leaves room for",
+            m.max_tunnels.clone(),
         );
         let handshake_counters =
             HANDSHAKE_RESULTS.map(|r| m.handshakes.get_or_create_owned(&labels(&[("result", r)])));
@@ -230,6 +240,14 @@ impl Metrics {
     pub fn render(&self, shared: &Shared) -> String {
         let snapshot = shared.snapshot.load();
         self.generation.set(snapshot.generation as i64);
+        let (max_tunnels, _) = shared
+            .limits
+            .total_cap(snapshot.config.gateway.max_connections);
+        self.max_tunnels.set(if max_tunnels == usize::MAX {
+            f64::INFINITY
+        } else {
+            max_tunnels as f64
+        });
         self.tunnels_route.clear();
         for route in &snapshot.routes {
             let live = shared.limits.per_route.count(&route.label);

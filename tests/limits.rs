@@ -358,12 +358,29 @@ async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
     drop(tunnels);
     // A reload that changes max_connections is checked against the room too: within it,
     // no warning; above it, one.
-    for (max, reloaded) in [(100, 2), (1_000, 3)] {
+    let max_tunnels_metric = || async {
+        let (_, _, body) = http(
+            ([127, 0, 0, 1], admin).into(),
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("wsgate_max_tunnels "))
+            .and_then(|value| value.parse::<f64>().ok())
+    };
+    assert_eq!(max_tunnels_metric().await, Some(133.0));
+    for (max, reloaded, cap) in [(100, 2, 100.0), (1_000, 3, 133.0)] {
         write_config(&format!("max_connections = {max}"));
         eventually("the reload is applied", STEP, || async {
             (admin_status().await["generation"].as_u64()? >= reloaded).then_some(())
         })
         .await;
+        assert_eq!(
+            max_tunnels_metric().await,
+            Some(cap),
+            "max_connections = {max}"
+        );
     }
     let (stderr, lines) = stop_and_read_json_log(child).await;
     let raised = lines
