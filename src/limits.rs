@@ -136,18 +136,21 @@ pub struct Limits {
     pub total: Arc<Total>,
     pub per_route: Arc<Counter<Arc<str>, RouteHasher>>,
     pub per_ip: Arc<Counter<IpAddr>>,
-    /// Tunnels the open-file limit leaves room for (see [`tunnel_room`]).
+    /// The process's open-file limit when the gateway started (`None`: no limit).
+    pub open_file_limit: Option<u64>,
+    /// Tunnels that limit leaves room for (see [`tunnel_room`]).
     pub tunnel_room: usize,
 }
 
 impl Limits {
-    /// Counters at zero, the total capped at `tunnel_room`.
-    pub fn new(tunnel_room: usize) -> Limits {
+    /// Counters at zero, the total capped at what `open_file_limit` leaves room for.
+    pub fn new(open_file_limit: Option<u64>) -> Limits {
         Limits {
             total: Arc::default(),
             per_route: Arc::default(),
             per_ip: Arc::default(),
-            tunnel_room,
+            open_file_limit,
+            tunnel_room: tunnel_room(open_file_limit),
         }
     }
 
@@ -265,7 +268,7 @@ mod tests {
 
     #[test]
     fn the_total_cap_is_the_lower_of_max_connections_and_the_room() {
-        let limits = Limits::new(9_780);
+        let limits = Limits::new(Some(20_000));
         assert_eq!(limits.total_cap(100), (100, "gateway max_connections"));
         assert_eq!(limits.total_cap(9_780), (9_780, "gateway max_connections"));
         assert_eq!(limits.total_cap(65_536), (9_780, "open-file limit"));

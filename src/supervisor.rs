@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::diff::{self, Change};
 use crate::config::{self, Config, ListenerConfig};
-use crate::limits::{self, Limits};
+use crate::limits::Limits;
 use crate::listener::{self, BindError, RunningListener, Workers};
 use crate::proxy::Shared;
 use crate::proxy::upstream_client;
@@ -142,7 +142,7 @@ fn warn_if_out_of_room(limits: &Limits, max_connections: usize) {
     if max_connections > limits.tunnel_room {
         tracing::warn!(
             max_connections,
-            open_file_limit = limits::open_file_limit(),
+            open_file_limit = limits.open_file_limit,
             tunnel_room = limits.tunnel_room,
             "max_connections is more tunnels than the open-file limit leaves room for: \
              upgrades above tunnel_room get 503; raise the hard limit (ulimit -Hn, systemd \
@@ -192,7 +192,7 @@ impl Supervisor {
             .collect();
         tracing::info!(generation = 1, sha256 = %config.source.sha256, path = %config.source.path,
             routes = config.routes.len(), upstreams = config.upstreams.len(), "configuration loaded");
-        match limits::open_file_limit() {
+        match shared.limits.open_file_limit {
             Some(limit) => tracing::info!(
                 open_file_limit = limit,
                 tunnel_room = shared.limits.tunnel_room,

@@ -22,6 +22,23 @@ fn config(route_extra: &str, gateway_extra: &str) -> String {
     )
 }
 
+/// Sends an upgrade to `a` and checks it is refused as a full gateway is: 503 with
+/// `Retry-After: 1`, the body naming the limit (`full`) that refused it.
+async fn assert_refused_as_full(a: std::net::SocketAddr, full: &str) {
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {a}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let (status, head, body) = http(a, &request).await;
+    assert_eq!(status, 503, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains(full), "the refusal names {full:?}: {body}");
+}
+
 async fn with_origin(url: &str, origin: Option<&str>) -> Result<(), u16> {
     let mut request = url.into_client_request().unwrap();
     if let Some(origin) = origin {
@@ -83,19 +100,7 @@ async fn route_cap_answers_503_with_retry_after_and_frees_the_place_on_close() {
     let a = addr(&gw);
     let first = connect(&format!("ws://{a}/")).await;
     let _second = connect(&format!("ws://{a}/")).await;
-    let (status, head, _) = http(
-        a,
-        &format!(
-            "GET / HTTP/1.1\r\nHost: {a}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        ),
-    )
-    .await;
-    assert_eq!(status, 503);
-    assert!(
-        head.to_ascii_lowercase().contains("retry-after: 1"),
-        "{head}"
-    );
+    assert_refused_as_full(a, "route max_connections").await;
     drop(first);
     let started = Instant::now();
     loop {
@@ -235,35 +240,13 @@ async fn a_server_at_its_max_connections_takes_no_more_tunnels() {
     let url = format!("ws://{}/", addr(&gw));
     let mut first = connect(&url).await;
     assert_eq!(whoami(&mut first).await, "full");
-    let (status, head, body) = http(
-        addr(&gw),
-        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status, 503, "{head}");
-    assert!(
-        head.to_ascii_lowercase().contains("retry-after: 1"),
-        "{head}"
-    );
-    assert!(
-        String::from_utf8_lossy(&body).contains("server max_connections"),
-        "{body:?}"
-    );
+    assert_refused_as_full(addr(&gw), "server max_connections").await;
     first.close(None).await.unwrap();
     let mut next = eventually("a tunnel once the first ended", STEP, || async {
         Some(tokio_tungstenite::connect_async(&url).await.ok()?.0)
     })
     .await;
     assert_eq!(whoami(&mut next).await, "full");
-}
-
-/// The upgrade request [`http`] sends to see a refusal's status and headers.
-fn upgrade_request(a: std::net::SocketAddr) -> String {
-    format!(
-        "GET / HTTP/1.1\r\nHost: {a}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
 }
 
 /// Started with a soft open-file limit of 256 under a hard one of 400, the binary raises
@@ -275,14 +258,14 @@ fn upgrade_request(a: std::net::SocketAddr) -> String {
 async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
     let backend = WsBackend::start("b", Behavior::Echo).await;
     let port = free_port();
-    let admin = free_port();
+    let admin_port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     let write_config = |gateway_extra: &str| {
         std::fs::write(
             &path,
             format!(
-                "[gateway]\nworkers = 1\nadmin = \"127.0.0.1:{admin}\"\n{gateway_extra}\n\
+                "[gateway]\nworkers = 1\nadmin = \"127.0.0.1:{admin_port}\"\n{gateway_extra}\n\
                  [[listener]]\nbind = \"127.0.0.1:{port}\"\n\
                  [[route]]\nupstream = \"u\"\naccess_log = false\n[upstream.u]\nservers = [\"{}\"]\n",
                 backend.addr
@@ -313,13 +296,9 @@ async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
         ["400", "400"],
         "the soft limit is raised to the hard one: {open_files}"
     );
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
     let admin_status = || async {
-        let (_, _, body) = http(
-            ([127, 0, 0, 1], admin).into(),
-            "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        serde_json::from_str::<serde_json::Value>(&admin_get(admin, "/status").await).unwrap()
     };
     let status = admin_status().await;
     assert_eq!(status["open_file_limit"], 400, "{status}");
@@ -331,17 +310,7 @@ async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
     for _ in 0..133 {
         tunnels.push(connect(&url).await);
     }
-    let (status, head, body) = http(a, &upgrade_request(a)).await;
-    assert_eq!(status, 503, "{head}");
-    assert!(
-        head.to_ascii_lowercase().contains("retry-after: 1"),
-        "{head}"
-    );
-    assert!(
-        String::from_utf8_lossy(&body).contains("open-file limit"),
-        "the refusal names what is full: {}",
-        String::from_utf8_lossy(&body)
-    );
+    assert_refused_as_full(a, "open-file limit").await;
     // Tunnels from first to last still relay.
     for ws in tunnels.iter_mut().step_by(33) {
         ws.send(Message::text("still here")).await.unwrap();
@@ -358,17 +327,8 @@ async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
     drop(tunnels);
     // A reload that changes max_connections is checked against the room too: within it,
     // no warning; above it, one.
-    let max_tunnels_metric = || async {
-        let (_, _, body) = http(
-            ([127, 0, 0, 1], admin).into(),
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        let text = String::from_utf8_lossy(&body).into_owned();
-        text.lines()
-            .find_map(|l| l.strip_prefix("wsgate_max_tunnels "))
-            .and_then(|value| value.parse::<f64>().ok())
-    };
+    let max_tunnels_metric =
+        || async { metric(&admin_get(admin, "/metrics").await, "wsgate_max_tunnels ") };
     assert_eq!(max_tunnels_metric().await, Some(133.0));
     for (max, reloaded, cap) in [(100, 2, 100.0), (1_000, 3, 133.0)] {
         write_config(&format!("max_connections = {max}"));
@@ -382,7 +342,51 @@ async fn the_open_file_limit_caps_tunnels_with_a_503_instead_of_a_stall() {
             "max_connections = {max}"
         );
     }
+    // Plain connections have no cap: 420 clients that send nothing use up the limit, and
+    // accept fails until they leave. Each run of failed accepts is logged once, not on
+    // every retry, and once more when accepting works again (the clients still queued
+    // when the first ones leave can make a second, short run).
+    let idle: Vec<std::net::TcpStream> = (0..420)
+        .map(|_| std::net::TcpStream::connect(a).unwrap())
+        .collect();
+    let descriptors = format!("/proc/{}/fd", child.id());
+    eventually("the gateway uses all 400 descriptors", STEP, || async {
+        (std::fs::read_dir(&descriptors).ok()?.count() >= 400).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(idle);
+    eventually(
+        "a tunnel opens once the idle clients left",
+        STEP,
+        || async { with_origin(&url, None).await.ok() },
+    )
+    .await;
     let (stderr, lines) = stop_and_read_json_log(child).await;
+    let runs = lines
+        .iter()
+        .filter(|l| {
+            l["level"] == "WARN"
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("accept failed"))
+        })
+        .count();
+    let failed_per_run: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["message"] == "accepting again")
+        .map(|l| l["failed_accepts"].as_u64().unwrap())
+        .collect();
+    assert!(runs >= 1, "accept failed:\n{stderr}");
+    assert_eq!(
+        runs,
+        failed_per_run.len(),
+        "one warning and one line when it works again, per run:\n{stderr}"
+    );
+    assert!(
+        failed_per_run[0] >= 3,
+        "retried every 100 ms, quietly, while out of descriptors for 300 ms: {failed_per_run:?}"
+    );
     let raised = lines
         .iter()
         .find(|l| l["message"] == "open-file limit raised to the hard limit")

@@ -11,28 +11,11 @@ use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let (status, _, body) = http(
-        addr,
-        &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
-    )
-    .await;
-    assert_eq!(status, 200, "{path}");
-    String::from_utf8(body).unwrap()
-}
-
 fn config(admin: u16) -> String {
     format!(
         "[gateway]\nworkers = 1\nadmin = \"127.0.0.1:{admin}\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n\
          [[route]]\npath = \"/ws/\"\nupstream = \"u\"\n[upstream.u]\nservers = [\"{{BACKEND_1}}\"]\n"
     )
-}
-
-/// The value of the metric line that starts with `prefix` (name and labels).
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +32,7 @@ async fn metrics_and_status_move_with_traffic() {
     let (status, _) = refused_status(&format!("ws://{a}/nowhere")).await;
     assert_eq!(status, 404);
 
-    let text = get(admin, "/metrics").await;
+    let text = admin_get(admin, "/metrics").await;
     let server = backend.addr.to_string();
     assert_eq!(
         metric(&text, "wsgate_handshakes_total{result=\"ok\"}"),
@@ -96,7 +79,8 @@ async fn metrics_and_status_move_with_traffic() {
     );
     assert_eq!(metric(&text, "wsgate_config_generation"), Some(1.0));
 
-    let status: serde_json::Value = serde_json::from_str(&get(admin, "/status").await).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
     assert_eq!(status["live_tunnels"], 1);
     assert_eq!(status["upstreams"][0]["servers"][0]["live_tunnels"], 1);
     assert_eq!(status["upstreams"][0]["servers"][0]["healthy"], true);
@@ -110,7 +94,7 @@ async fn metrics_and_status_move_with_traffic() {
     let _ = close_code(&mut ws).await;
     let deadline = Instant::now() + STEP;
     loop {
-        let text = get(admin, "/metrics").await;
+        let text = admin_get(admin, "/metrics").await;
         let closed = metric(
             &text,
             "wsgate_close_frames_total{side=\"client\",code=\"4001\"}",

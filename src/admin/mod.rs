@@ -92,7 +92,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
         "ready": !shared.shutting_down.load(Ordering::Relaxed),
         "live_tunnels": shared.registry.len(),
         // What caps the tunnels besides max_connections (null: no open-file limit).
-        "open_file_limit": crate::limits::open_file_limit(),
+        "open_file_limit": shared.limits.open_file_limit,
         "tunnel_room": (shared.limits.tunnel_room != usize::MAX).then_some(shared.limits.tunnel_room),
         "reloads_rejected": shared.reloads_rejected.load(Ordering::Relaxed),
         "listeners": listeners,

@@ -51,7 +51,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry: Arc::new(Registry::default()),
             reloads_rejected: AtomicU64::new(0),
-            limits: Limits::new(crate::limits::tunnel_room(crate::limits::open_file_limit())),
+            limits: Limits::new(crate::limits::open_file_limit()),
             buffered: Arc::new(AtomicUsize::new(0)),
             shutting_down: AtomicBool::new(false),
             metrics: Metrics::default(),

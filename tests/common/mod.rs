@@ -94,6 +94,25 @@ pub async fn stop_and_read_json_log(child: Process) -> (String, Vec<serde_json::
     (stderr, lines)
 }
 
+/// GET `path` from an admin listener; the body, which must come with a 200.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> String {
+    let (status, _, body) = http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{path}");
+    String::from_utf8(body).unwrap()
+}
+
+/// The value of the metric line that starts with `prefix` (name and labels) in a
+/// `/metrics` text.
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// Every test step that waits on the network waits at most this long.
 pub const STEP: Duration = Duration::from_secs(10);
 
