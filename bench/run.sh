@@ -24,7 +24,7 @@ if ((${#need[@]})); then
 fi
 
 echo "bench: building wsgate (release)" >&2
-cargo build --release --manifest-path "$REPO/Cargo.toml" >&2
+"$REPO/pgo/build.sh" >&2
 WSGATE="$REPO/target/release/wsgate"
 
 export CONTENDERS="${CONTENDERS:-nginx,haproxy}"

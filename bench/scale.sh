@@ -33,7 +33,7 @@ PER=$((TOTAL / REPLICAS))
 RUN_DIR=${RUN_DIR:-/tmp/wsgate-scale.$$}
 mkdir -p "$RUN_DIR"
 
-cargo build --release --manifest-path "$REPO/Cargo.toml" >&2
+"$REPO/pgo/build.sh" >&2
 cargo build --release --manifest-path "$HERE/harness/wsload/Cargo.toml" >&2
 WSGATE="$REPO/target/release/wsgate"
 WSLOAD="$HERE/harness/wsload/target/release/wsload"

@@ -84,7 +84,7 @@ prepare_run() {
   : "${CONTENDERS:=wsgate,nginx}" "${PROXY_CPU:=1}" "${LOADGEN_CPU:=0}"
   BACKENDS="127.0.0.1:9011,127.0.0.1:9012"
   mkdir -p "$RUN_DIR"
-  cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2
+  "$ROOT/pgo/build.sh" >&2
   cargo build --release --manifest-path "$ROOT/bench/harness/wsload/Cargo.toml" >&2
   contenders "$ROOT/target/release/wsgate" "$@" || return 1
   PIDS=()

@@ -11,7 +11,7 @@ log() { printf '[docker-test %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 COMPOSE=(docker-compose -f docker/docker-compose.yml -p wsgateci)
 
 log "static binary"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu >&2
+RUSTFLAGS="-C target-feature=+crt-static" pgo/build.sh --target x86_64-unknown-linux-gnu >&2
 ctx=$(mktemp -d)
 cfg=$(mktemp -d)
 cleanup() {
