@@ -8,7 +8,8 @@
 #
 # RUSTFLAGS set by the caller are kept. A profile older than the code still builds: a
 # function whose code changed since the profile was made is optimised without counts,
-# as in a plain release build (pgo/train.sh makes the profile anew).
+# as in a plain release build, and named in a "function control flow change detected"
+# warning (pgo/train.sh makes the profile anew).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-Cprofile-use=$HERE/wsgate.profdata"

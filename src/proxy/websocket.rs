@@ -484,6 +484,10 @@ async fn connect_to(address: SocketAddr, read_error: bool) -> std::io::Result<Tc
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
+    // Quick ACKs off before the connect: the handshake's last ACK then travels with the
+    // upgrade request (or TLS hello) sent right after it, one TCP segment less per dial
+    // (HAProxy's tcp-smart-connect).
+    socket.set_tcp_quickack(false)?;
     match socket.connect(&address.into()) {
         Ok(()) => {}
         Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
