@@ -36,6 +36,9 @@ mkdir -p "$WORK/raw" "$WORK/run"
 say "building the instrumented gateway ($WORK/release/wsgate)"
 CARGO_TARGET_DIR="$WORK" RUSTFLAGS="-Cprofile-generate=$WORK/raw" \
   cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" >&2
+# The build's own programs (build scripts, proc macros) are instrumented too and left
+# counts here while cargo ran them: only the gateway's traffic belongs in the profile.
+rm -f "$WORK"/raw/*.profraw
 say "building the load generator and echo backend (bench/harness/wsload)"
 cargo build --release --manifest-path "$ROOT/bench/harness/wsload/Cargo.toml" >&2
 BIN_DIR="$ROOT/bench/harness/wsload/target/release"
