@@ -7,8 +7,8 @@
 # Run it after a change to the handshake or relay path, or to Cargo.lock, and commit the
 # new profile with the change (pgo/README.md says why and what it measured). It takes
 # ~4 minutes on 2 cores. Needs llvm-profdata of the LLVM major version rustc reports
-# (`rustc -vV`): Debian's llvm-N package, or `rustup component add llvm-tools`; and
-# openssl for the test certificate. Ports 8301-8302, 9301-9303.
+# (`rustc -vV`): Debian's llvm-N package, or `rustup component add llvm-tools`; openssl
+# for the test certificate, and curl. Ports 8301-8302, 9301-9303.
 #
 # The load is the benchmark's (bench/run.sh): handshakes, 64 B binary and text messages,
 # 16 KiB messages, idle tunnels answering heartbeats; and the same through a second
@@ -30,6 +30,7 @@ for candidate in "llvm-profdata-$llvm_major" \
 done
 [[ -n "$profdata" ]] || die "no llvm-profdata for LLVM $llvm_major (apt-get install llvm-$llvm_major, or rustup component add llvm-tools)"
 command -v openssl >/dev/null || die "openssl is missing (apt-get install openssl)"
+command -v curl >/dev/null || die "curl is missing (apt-get install curl)"
 
 rm -rf "$WORK/raw" "$WORK/run"
 mkdir -p "$WORK/raw" "$WORK/run"
@@ -120,7 +121,7 @@ load echo-throughput --url "$tls" --size 64 --duration 3 --warmup 1
 load echo-throughput --url "$tls" --size 16384 --conns 16 --inflight 4 --duration 3 --warmup 1
 for _ in $(seq 20); do
   for path in status metrics healthz; do
-    curl -fsS -o /dev/null "http://127.0.0.1:9303/$path" || true
+    curl -fsS -o /dev/null "http://127.0.0.1:9303/$path"
   done
 done
 

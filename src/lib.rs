@@ -43,6 +43,8 @@ pub mod proxy;
 pub mod snapshot;
 pub mod supervisor;
 pub mod telemetry;
+#[cfg(test)]
+mod test_sockets;
 pub mod tls;
 pub mod tunnel;
 pub mod watcher;

@@ -568,9 +568,11 @@ mod tests {
         }
     }
 
-    /// Accepts one connection on `listener` after its client sent a few bytes, and returns
-    /// the accepted socket's (Nagle off, quick ACKs on) once those bytes were read.
-    fn accepted_options(listener: &std::net::TcpListener) -> (bool, bool) {
+    /// Accepts one connection on `listener` after its client sent a request, and returns,
+    /// once the request is read and before any answer, whether the accepted socket has
+    /// Nagle off, whether it reports quick ACKs on (off: delayed-ACK mode) and how many
+    /// TCP segments it has sent (its SYN-ACK is not its own).
+    fn accepted_socket(listener: &std::net::TcpListener) -> (bool, bool, u32) {
         listener.set_nonblocking(false).unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
@@ -581,27 +583,30 @@ mod tests {
         (
             options.tcp_nodelay().unwrap(),
             options.tcp_quickack().unwrap(),
+            crate::test_sockets::tcp_segments_sent(&accepted),
         )
     }
 
     #[test]
-    fn accepted_connections_have_nagle_off_and_acknowledge_requests_with_the_answer() {
+    fn accepted_connections_have_nagle_off_and_send_no_bare_ack_for_a_request() {
         let bound = bind(&listener_config()).unwrap();
-        let (nodelay, quickack) = accepted_options(&bound.socket);
+        let (nodelay, quickack, segments) = accepted_socket(&bound.socket);
         assert!(
             nodelay,
             "Nagle's algorithm is on for an accepted connection"
         );
-        // A socket that has received data and is not in delayed-ACK ("pingpong") mode
-        // reports quick ACKs on; in that mode its request's ACK waits for the answer.
+        // In delayed-ACK ("pingpong") mode the request's ACK waits for the answer (or the
+        // delayed-ACK time, 40 ms); a socket that has received data outside that mode
+        // reports quick ACKs on.
         assert!(
             !quickack,
             "an accepted connection acknowledges its request at once"
         );
+        assert_eq!(segments, 0, "a bare ACK went out for the request");
 
-        // The same check on a socket set up without the two options reads the opposite,
-        // so the assertions above can fail.
+        // A socket set up without the two options reads the opposite: Nagle on, quick
+        // ACKs on, the request ACKed at once.
         let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        assert_eq!(accepted_options(&plain), (false, true));
+        assert_eq!(accepted_socket(&plain), (false, true, 1));
     }
 }

@@ -604,6 +604,24 @@ fn refusal(err: &ProxyError) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// A backend connection's first bytes carry the ACK of the backend's SYN-ACK: two
+    /// segments (SYN, then the request) where a plain connect sends three.
+    #[tokio::test]
+    async fn a_dial_sends_no_bare_ack_before_its_first_bytes() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = backend.local_addr().unwrap();
+        let request = b"GET / HTTP/1.1\r\n\r\n";
+
+        let dialled = connect_to(address, false).await.unwrap();
+        assert_eq!(dialled.try_write(request).unwrap(), request.len());
+        assert_eq!(crate::test_sockets::tcp_segments_sent(&dialled), 2);
+
+        let plain = TcpStream::connect(address).await.unwrap();
+        plain.set_nodelay(true).unwrap();
+        assert_eq!(plain.try_write(request).unwrap(), request.len());
+        assert_eq!(crate::test_sockets::tcp_segments_sent(&plain), 3);
+    }
+
     /// RFC 6455 §1.3's example key and its accept value.
     const ACCEPT: &[u8] = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
