@@ -44,6 +44,9 @@ pub mod snapshot;
 pub mod supervisor;
 pub mod telemetry;
 #[cfg(test)]
+// Shared with the integration tests (tests/common), which read counters the unit tests
+// do not.
+#[allow(dead_code)]
 mod test_sockets;
 pub mod tls;
 pub mod tunnel;

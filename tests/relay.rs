@@ -176,6 +176,38 @@ async fn after_a_backend_closes_the_gateway_leaves_ending_tcp_to_the_backend() {
     .await;
 }
 
+/// The close handshake that a client starts ends with the gateway's Close reply and its
+/// FIN in one TCP segment, as HAProxy sends them, not two. Counted on the client's socket:
+/// the segments it received from its Close until its read saw the end of TCP. The
+/// gateway's ACK of the client's Close rides on the reply unless the reply takes longer
+/// than the delayed-ACK time (40 ms on Linux), so the fewest of three tunnels counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_close_reply_and_the_fin_reach_the_client_in_one_segment() {
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let gw = gateway(&simple_config(1, ""), &[backend.addr]);
+    let mut fewest = u32::MAX;
+    for _ in 0..3 {
+        let mut client = RawClient::connect(addr(&gw)).await;
+        let before = test_sockets::tcp_segments_received(&client.0);
+        client.send_frame(true, 0x8, &1000u16.to_be_bytes()).await;
+        let mut rest = Vec::new();
+        tokio::time::timeout(STEP, client.0.read_to_end(&mut rest))
+            .await
+            .expect("the gateway ended TCP in time")
+            .unwrap();
+        assert_eq!(
+            rest,
+            [0x88, 0x02, 0x03, 0xE8],
+            "the close reply, then the end of TCP"
+        );
+        fewest = fewest.min(test_sockets::tcp_segments_received(&client.0) - before);
+    }
+    assert_eq!(
+        fewest, 1,
+        "segments from the client's Close to the end of TCP"
+    );
+}
+
 /// Opens a WebSocket through `gateway` with `frames` right behind the upgrade request, in
 /// one write; returns the socket once the gateway's 101 is read.
 async fn upgrade_with(gateway: std::net::SocketAddr, frames: &[u8]) -> TcpStream {

@@ -117,6 +117,12 @@ impl AsyncRead for Replay {
     }
 }
 
+impl Io for Replay {
+    fn poll_write_last(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.io.poll_write_last(cx, buf)
+    }
+}
+
 impl AsyncWrite for Replay {
     fn poll_write(
         mut self: Pin<&mut Self>,

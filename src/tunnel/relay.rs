@@ -15,6 +15,7 @@
 //! of its own ([`TaskWakers`]).
 
 use std::cell::RefCell;
+use std::io;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,7 +27,8 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use super::Leg;
@@ -40,9 +42,51 @@ use crate::config::defaults::CLOSE_TIMEOUT;
 use crate::limits::Permits;
 use crate::pool::ServerLease;
 
-/// A leg's byte stream: a TCP connection, or later TLS on top of one.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Io for T {}
+/// A leg's byte stream: a TCP connection (behind a PROXY protocol header or not), or TLS
+/// on top of one. Each kind is named with an impl of its own, so that plain TCP can send a
+/// leg's last bytes and its FIN in one segment.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + 'static {
+    /// Writes bytes after which the stream ends at once, in the same poll (a shutdown, or
+    /// the close of a finished tunnel): a close handshake's last Close frame. Plain TCP
+    /// sends them with `MSG_MORE`, so they wait in the socket for the FIN that follows and
+    /// leave in one segment with it, as HAProxy sends them, instead of two. A caller must
+    /// end the stream right after a complete write; after a partial one the socket is full,
+    /// and the ACKs that free it push the held bytes out. Other streams write as usual.
+    fn poll_write_last(&mut self, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(self).poll_write(cx, buf)
+    }
+}
+
+impl Io for TcpStream {
+    fn poll_write_last(&mut self, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.poll_write_ready(cx))?;
+            let sent = self.try_io(Interest::WRITABLE, || {
+                socket2::SockRef::from(&*self)
+                    .send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+            });
+            match sent {
+                // The readiness was stale; `try_io` cleared it, so the next check waits.
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                sent => return Poll::Ready(sent),
+            }
+        }
+    }
+}
+
+impl Io for proxy_header::io::ProxiedStream<TcpStream> {
+    fn poll_write_last(&mut self, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        // The header is only read: writes go straight to the socket.
+        self.get_mut().poll_write_last(cx, buf)
+    }
+}
+
+/// TLS ends with its own close_notify record after the last bytes: written as usual.
+impl Io for tokio_rustls::server::TlsStream<Box<dyn Io>> {}
+impl Io for tokio_rustls::client::TlsStream<TcpStream> {}
+
+#[cfg(test)]
+impl Io for tokio::io::DuplexStream {}
 
 /// One leg as the handshake hands it over: the stream, and bytes already read from it
 /// (frames that arrived together with the handshake).
@@ -356,8 +400,9 @@ impl Core {
             return true;
         }
         let cx = &mut legs.cx(to);
+        let last = self.ends_after_write(to);
         while !self.pending[i].is_empty() {
-            match Pin::new(&mut self.io[i]).poll_write(cx, &self.pending[i]) {
+            match write(&mut self.io[i], cx, &self.pending[i], last) {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     self.pending[i].drain(..n);
                 }
@@ -380,8 +425,9 @@ impl Core {
         let mut written = 0;
         if self.pending[i].is_empty() && !self.dead[to as usize] {
             let cx = &mut legs.cx(to);
+            let last = self.ends_after_write(to);
             while written < out.len() {
-                match Pin::new(&mut self.io[i]).poll_write(cx, &out[written..]) {
+                match write(&mut self.io[i], cx, &out[written..], last) {
                     Poll::Ready(Ok(n)) if n > 0 => written += n,
                     Poll::Pending => break,
                     Poll::Ready(_) => {
@@ -396,6 +442,24 @@ impl Core {
             }
         }
         self.pending[i].extend_from_slice(&out[written..]);
+    }
+
+    /// Whether the bytes written to `to` now are the last it gets before its TCP ends in
+    /// this same poll: once they are written the leg is done, and then the client's leg is
+    /// shut down ([`Core::end_client_tcp`], right after the legs' turns) and a finished
+    /// tunnel's legs are closed (the backend's needs its end of TCP first). Such bytes go
+    /// out with the FIN in one segment ([`Io::poll_write_last`]). Saying so wrongly would
+    /// hold them back until the socket closes: every condition here is one that
+    /// [`Core::leg_done`] and [`Core::finished`] check.
+    fn ends_after_write(&self, to: Leg) -> bool {
+        let i = to as usize;
+        let done_once_written = (self.eof[i] || (self.close_sent[i] && self.dirs[i].closed()))
+            && self.inject[i].is_empty();
+        done_once_written
+            && match to {
+                Leg::Client => !self.client_tcp_ended,
+                Leg::Backend => self.eof[i] && self.leg_done(Leg::Client),
+            }
     }
 
     fn leg_gone(&mut self, leg: Leg) {
@@ -692,6 +756,20 @@ impl<L: Future<Output = ()> + Unpin> Relay<L> {
             slow_deadline: [None, None],
             wakers: None,
         }
+    }
+}
+
+/// One write to a leg: `last` for the bytes before its TCP ends ([`Core::ends_after_write`]).
+fn write(
+    io: &mut Box<dyn Io>,
+    cx: &mut TaskContext<'_>,
+    buf: &[u8],
+    last: bool,
+) -> Poll<io::Result<usize>> {
+    if last {
+        io.poll_write_last(cx, buf)
+    } else {
+        Pin::new(io).poll_write(cx, buf)
     }
 }
 

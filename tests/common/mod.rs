@@ -19,6 +19,10 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use wsgate::GatewayThread;
 
+/// The kernel's TCP segment counters, read as the unit tests read them.
+#[path = "../../src/test_sockets.rs"]
+pub mod test_sockets;
+
 /// Waits (at most [`STEP`]) until something accepts TCP connections on 127.0.0.1:`port`,
 /// such as a gateway process just started.
 pub fn wait_listening(port: u16) {
