@@ -308,6 +308,77 @@ async fn tls_backend(pki: &Pki) -> std::net::SocketAddr {
     addr
 }
 
+/// Over TLS too, the close handshake that a client starts ends with the gateway's Close
+/// reply, TLS's close_notify and the FIN in one TCP segment. Before, a tunnel that
+/// finished in the poll that wrote the reply closed without close_notify (a truncation to
+/// a TLS client: rustls reads it as an error), in two segments, and one ended by a
+/// shutdown took three. Counted on the client's socket from its Close until the socket
+/// read the end of TCP; every tunnel must send close_notify, and the fewest segments of
+/// three tunnels counts (the gateway's ACK of the client's Close rides on the reply unless
+/// the reply takes longer than the delayed-ACK time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_close_reply_close_notify_and_fin_reach_the_client_in_one_segment() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    pki.leaf("a", &["a.test"]);
+    pki.leaf("b", &["b.test"]);
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let (_, path) = tls_config(&pki, backend.addr, "");
+    let gw = gateway_watching(&path);
+    let addr = gw.addr("tls").unwrap();
+    let mut fewest = u32::MAX;
+    for _ in 0..3 {
+        let (mut tls, _) = tls_connect(&pki, addr, "a.test").await;
+        tls.write_all(
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(STEP, tls.read_exact(&mut byte))
+                .await
+                .expect("the 101 in time")
+                .unwrap();
+            head.push(byte[0]);
+            assert!(head.len() < 8192);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        let before = test_sockets::tcp_segments_received(tls.get_ref().0);
+        // A masked Close with code 1000 (mask 0: the payload as it is).
+        tls.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8])
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(STEP, tls.read_to_end(&mut rest))
+            .await
+            .expect("the gateway's close_notify in time")
+            .unwrap();
+        assert_eq!(
+            rest,
+            [0x88, 0x02, 0x03, 0xE8],
+            "the close reply, then close_notify"
+        );
+        let mut after = [0u8; 64];
+        let n = tokio::time::timeout(STEP, tls.get_mut().0.read(&mut after))
+            .await
+            .expect("the gateway ended TCP in time")
+            .unwrap();
+        assert_eq!(n, 0, "nothing after close_notify but the end of TCP");
+        fewest = fewest.min(test_sockets::tcp_segments_received(tls.get_ref().0) - before);
+    }
+    assert_eq!(
+        fewest, 1,
+        "segments from the client's Close to the end of TCP"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_wss_is_verified_against_the_configured_ca() {
     let pki = Pki::new();

@@ -51,7 +51,8 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + 'static {
     /// sends them with `MSG_MORE`, so they wait in the socket for the FIN that follows and
     /// leave in one segment with it, as HAProxy sends them, instead of two. A caller must
     /// end the stream right after a complete write; after a partial one the socket is full,
-    /// and the ACKs that free it push the held bytes out. Other streams write as usual.
+    /// and the ACKs that free it push the held bytes out. TLS sends its close_notify with
+    /// them, the same way ([`write_last_tls`]).
     fn poll_write_last(&mut self, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(self).poll_write(cx, buf)
     }
@@ -81,9 +82,87 @@ impl Io for proxy_header::io::ProxiedStream<TcpStream> {
     }
 }
 
-/// TLS ends with its own close_notify record after the last bytes: written as usual.
-impl Io for tokio_rustls::server::TlsStream<Box<dyn Io>> {}
-impl Io for tokio_rustls::client::TlsStream<TcpStream> {}
+/// The gateway as the TLS server: the client's leg of a `wss://` listener.
+impl Io for tokio_rustls::server::TlsStream<Box<dyn Io>> {
+    fn poll_write_last(&mut self, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let (io, tls) = self.get_mut();
+        write_last_tls(&mut **io, tls, cx, buf)
+    }
+}
+
+/// The gateway as the TLS client: the backend's leg toward a `wss://` server.
+impl Io for tokio_rustls::client::TlsStream<TcpStream> {
+    fn poll_write_last(&mut self, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let (io, tls) = self.get_mut();
+        write_last_tls(io, tls, cx, buf)
+    }
+}
+
+/// A TLS stream's last bytes: their record and TLS's close_notify after them, both
+/// written to the socket beneath as its last bytes ([`Io::poll_write_last`]), so that
+/// they leave with the FIN in one segment (tokio-rustls writes each record by itself, and
+/// each went in a segment of its own). The close_notify goes with the last bytes because the stream ends right
+/// after them, whether by a shutdown (whose close_notify rustls then sends no second
+/// time) or by the close of a finished tunnel, which without it would end TLS with a bare
+/// FIN: a truncation to a TLS client ("peer closed connection without sending TLS
+/// close_notify").
+fn write_last_tls<S: Io + ?Sized, D>(
+    io: &mut S,
+    tls: &mut rustls::ConnectionCommon<D>,
+    cx: &mut TaskContext<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    // Records still waiting from earlier writes go first; until they are out, rustls may
+    // have no room for these bytes.
+    std::task::ready!(write_tls_last(io, tls, cx))?;
+    let written = io::Write::write(&mut tls.writer(), buf)?;
+    if written == buf.len() {
+        tls.send_close_notify();
+    }
+    // A socket that is full now takes the rest as the ACKs come: the records wait in
+    // rustls, and the shutdown's flush (or the next write) sends them.
+    match write_tls_last(io, tls, cx) {
+        Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+        _ => Poll::Ready(Ok(written)),
+    }
+}
+
+/// Writes the records rustls has ready to `io` as last bytes, until none is left or the
+/// socket is full (`Pending`, with the waker registered by `io`).
+fn write_tls_last<S: Io + ?Sized, D>(
+    io: &mut S,
+    tls: &mut rustls::ConnectionCommon<D>,
+    cx: &mut TaskContext<'_>,
+) -> Poll<io::Result<()>> {
+    /// `io::Write` over [`Io::poll_write_last`], for rustls's `write_tls`.
+    struct LastBytes<'a, 'b, S: ?Sized> {
+        io: &'a mut S,
+        cx: &'a mut TaskContext<'b>,
+    }
+    impl<S: Io + ?Sized> io::Write for LastBytes<'_, '_, S> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            match self.io.poll_write_last(self.cx, buf) {
+                Poll::Ready(result) => result,
+                Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    while tls.wants_write() {
+        match tls.write_tls(&mut LastBytes {
+            io: &mut *io,
+            cx: &mut *cx,
+        }) {
+            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+            Err(err) => return Poll::Ready(Err(err)),
+        }
+    }
+    Poll::Ready(Ok(()))
+}
 
 #[cfg(test)]
 impl Io for tokio::io::DuplexStream {}
