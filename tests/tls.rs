@@ -335,21 +335,8 @@ async fn over_tls_the_close_reply_close_notify_and_fin_reach_the_client_in_one_s
         )
         .await
         .unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            tokio::time::timeout(STEP, tls.read_exact(&mut byte))
-                .await
-                .expect("the 101 in time")
-                .unwrap();
-            head.push(byte[0]);
-            assert!(head.len() < 8192);
-        }
-        assert!(
-            head.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
+        let head = read_head(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         let before = test_sockets::tcp_segments_received(tls.get_ref().0);
         // A masked Close with code 1000 (mask 0: the payload as it is).
         tls.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8])

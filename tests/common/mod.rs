@@ -653,7 +653,7 @@ pub fn rss_bytes() -> u64 {
 }
 
 /// Reads an HTTP head byte by byte (nothing after it is consumed).
-pub async fn read_head(stream: &mut TcpStream) -> String {
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8; 1];
