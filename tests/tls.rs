@@ -366,6 +366,68 @@ async fn over_tls_the_close_reply_close_notify_and_fin_reach_the_client_in_one_s
     );
 }
 
+/// A close handshake that the backend starts ends over TLS with close_notify and the FIN
+/// in one TCP segment after the client's Close reply (two before: tokio-rustls's shutdown
+/// writes close_notify by itself). Counted on the client's socket from its reply until the
+/// socket read the end of TCP; the fewest of three tunnels counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_close_the_backend_starts_ends_with_close_notify_and_fin_in_one_segment() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    pki.leaf("a", &["a.test"]);
+    pki.leaf("b", &["b.test"]);
+    let backend = WsBackend::start("b1", Behavior::Echo).await;
+    let (_, path) = tls_config(&pki, backend.addr, "");
+    let gw = gateway_watching(&path);
+    let addr = gw.addr("tls").unwrap();
+    let mut fewest = u32::MAX;
+    for _ in 0..3 {
+        let (mut tls, _) = tls_connect(&pki, addr, "a.test").await;
+        tls.write_all(
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        // The text "close 4000" (mask 0) asks the echo backend to close with 4000.
+        let mut ask = vec![0x81, 0x80 | 10, 0, 0, 0, 0];
+        ask.extend_from_slice(b"close 4000");
+        tls.write_all(&ask).await.unwrap();
+        let mut header = [0u8; 2];
+        tokio::time::timeout(STEP, tls.read_exact(&mut header))
+            .await
+            .expect("the backend's Close in time")
+            .unwrap();
+        assert_eq!(header[0], 0x88, "a Close from the backend");
+        let mut payload = vec![0u8; usize::from(header[1])];
+        tls.read_exact(&mut payload).await.unwrap();
+        assert_eq!(payload[..2], [0x0F, 0xA0], "code 4000");
+        let before = test_sockets::tcp_segments_received(tls.get_ref().0);
+        tls.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x0F, 0xA0])
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(STEP, tls.read_to_end(&mut rest))
+            .await
+            .expect("the gateway's close_notify in time")
+            .unwrap();
+        assert!(rest.is_empty(), "nothing after the Close: {rest:?}");
+        let mut after = [0u8; 64];
+        let n = tokio::time::timeout(STEP, tls.get_mut().0.read(&mut after))
+            .await
+            .expect("the gateway ended TCP in time")
+            .unwrap();
+        assert_eq!(n, 0, "nothing after close_notify but the end of TCP");
+        fewest = fewest.min(test_sockets::tcp_segments_received(tls.get_ref().0) - before);
+    }
+    assert_eq!(
+        fewest, 1,
+        "segments from the client's Close reply to the end of TCP"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_wss_is_verified_against_the_configured_ca() {
     let pki = Pki::new();

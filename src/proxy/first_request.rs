@@ -121,6 +121,10 @@ impl Io for Replay {
     fn poll_write_last(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.io.poll_write_last(cx, buf)
     }
+
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.poll_end(cx)
+    }
 }
 
 impl AsyncWrite for Replay {

@@ -56,6 +56,13 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + 'static {
     fn poll_write_last(&mut self, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(self).poll_write(cx, buf)
     }
+
+    /// Ends the stream (a shutdown of its sending side). TLS first sends its close_notify
+    /// as last bytes, so that it leaves with the FIN in one segment, where tokio-rustls's
+    /// own shutdown sends the two apart.
+    fn poll_end(&mut self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_shutdown(cx)
+    }
 }
 
 impl Io for TcpStream {
@@ -87,6 +94,14 @@ impl Io for tokio_rustls::server::TlsStream<Box<dyn Io>> {
     fn poll_write_last(&mut self, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let (io, tls) = self.get_mut();
         write_last_tls(&mut **io, tls, cx, buf)
+    }
+
+    fn poll_end(&mut self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let (io, tls) = self.get_mut();
+        // Sent once: a close_notify that went with the last bytes is not sent again.
+        tls.send_close_notify();
+        std::task::ready!(write_tls_last(&mut **io, tls, cx))?;
+        Pin::new(self).poll_shutdown(cx)
     }
 }
 
@@ -637,8 +652,8 @@ impl Core {
     fn end_client_tcp(&mut self, legs: &TaskWakers) {
         let client = Leg::Client as usize;
         if !self.client_tcp_ended && !self.dead[client] && self.leg_done(Leg::Client) {
-            self.client_tcp_ended = Pin::new(&mut self.io[client])
-                .poll_shutdown(&mut legs.cx(Leg::Client))
+            self.client_tcp_ended = self.io[client]
+                .poll_end(&mut legs.cx(Leg::Client))
                 .is_ready();
         }
     }
