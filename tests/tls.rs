@@ -312,53 +312,24 @@ async fn tls_backend(pki: &Pki) -> std::net::SocketAddr {
 /// reply, TLS's close_notify and the FIN in one TCP segment. Before, a tunnel that
 /// finished in the poll that wrote the reply closed without close_notify (a truncation to
 /// a TLS client: rustls reads it as an error), in two segments, and one ended by a
-/// shutdown took three. Counted on the client's socket from its Close until the socket
-/// read the end of TCP; every tunnel must send close_notify, and the fewest segments of
+/// shutdown took three. Every tunnel must send close_notify, and the fewest segments of
 /// three tunnels counts (the gateway's ACK of the client's Close rides on the reply unless
 /// the reply takes longer than the delayed-ACK time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_the_close_reply_close_notify_and_fin_reach_the_client_in_one_segment() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let pki = Pki::new();
-    pki.leaf("a", &["a.test"]);
-    pki.leaf("b", &["b.test"]);
-    let backend = WsBackend::start("b1", Behavior::Echo).await;
-    let (_, path) = tls_config(&pki, backend.addr, "");
-    let gw = gateway_watching(&path);
-    let addr = gw.addr("tls").unwrap();
+    let gw = TlsEcho::start().await;
     let mut fewest = u32::MAX;
     for _ in 0..3 {
-        let (mut tls, _) = tls_connect(&pki, addr, "a.test").await;
-        tls.write_all(
-            b"GET / HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        let head = read_head(&mut tls).await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        let before = test_sockets::tcp_segments_received(tls.get_ref().0);
+        let mut tls = gw.tunnel().await;
         // A masked Close with code 1000 (mask 0: the payload as it is).
-        tls.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8])
-            .await
-            .unwrap();
-        let mut rest = Vec::new();
-        tokio::time::timeout(STEP, tls.read_to_end(&mut rest))
-            .await
-            .expect("the gateway's close_notify in time")
-            .unwrap();
+        let (rest, segments) =
+            last_close_over_tls(&mut tls, &[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8]).await;
         assert_eq!(
             rest,
             [0x88, 0x02, 0x03, 0xE8],
             "the close reply, then close_notify"
         );
-        let mut after = [0u8; 64];
-        let n = tokio::time::timeout(STEP, tls.get_mut().0.read(&mut after))
-            .await
-            .expect("the gateway ended TCP in time")
-            .unwrap();
-        assert_eq!(n, 0, "nothing after close_notify but the end of TCP");
-        fewest = fewest.min(test_sockets::tcp_segments_received(tls.get_ref().0) - before);
+        fewest = fewest.min(segments);
     }
     assert_eq!(
         fewest, 1,
@@ -368,29 +339,14 @@ async fn over_tls_the_close_reply_close_notify_and_fin_reach_the_client_in_one_s
 
 /// A close handshake that the backend starts ends over TLS with close_notify and the FIN
 /// in one TCP segment after the client's Close reply (two before: tokio-rustls's shutdown
-/// writes close_notify by itself). Counted on the client's socket from its reply until the
-/// socket read the end of TCP; the fewest of three tunnels counts.
+/// writes close_notify by itself); the fewest of three tunnels counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_a_close_the_backend_starts_ends_with_close_notify_and_fin_in_one_segment() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let pki = Pki::new();
-    pki.leaf("a", &["a.test"]);
-    pki.leaf("b", &["b.test"]);
-    let backend = WsBackend::start("b1", Behavior::Echo).await;
-    let (_, path) = tls_config(&pki, backend.addr, "");
-    let gw = gateway_watching(&path);
-    let addr = gw.addr("tls").unwrap();
+    let gw = TlsEcho::start().await;
     let mut fewest = u32::MAX;
     for _ in 0..3 {
-        let (mut tls, _) = tls_connect(&pki, addr, "a.test").await;
-        tls.write_all(
-            b"GET / HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        let head = read_head(&mut tls).await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let mut tls = gw.tunnel().await;
         // The text "close 4000" (mask 0) asks the echo backend to close with 4000.
         let mut ask = vec![0x81, 0x80 | 10, 0, 0, 0, 0];
         ask.extend_from_slice(b"close 4000");
@@ -404,28 +360,83 @@ async fn over_tls_a_close_the_backend_starts_ends_with_close_notify_and_fin_in_o
         let mut payload = vec![0u8; usize::from(header[1])];
         tls.read_exact(&mut payload).await.unwrap();
         assert_eq!(payload[..2], [0x0F, 0xA0], "code 4000");
-        let before = test_sockets::tcp_segments_received(tls.get_ref().0);
-        tls.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x0F, 0xA0])
-            .await
-            .unwrap();
-        let mut rest = Vec::new();
-        tokio::time::timeout(STEP, tls.read_to_end(&mut rest))
-            .await
-            .expect("the gateway's close_notify in time")
-            .unwrap();
+        let (rest, segments) =
+            last_close_over_tls(&mut tls, &[0x88, 0x82, 0, 0, 0, 0, 0x0F, 0xA0]).await;
         assert!(rest.is_empty(), "nothing after the Close: {rest:?}");
-        let mut after = [0u8; 64];
-        let n = tokio::time::timeout(STEP, tls.get_mut().0.read(&mut after))
-            .await
-            .expect("the gateway ended TCP in time")
-            .unwrap();
-        assert_eq!(n, 0, "nothing after close_notify but the end of TCP");
-        fewest = fewest.min(test_sockets::tcp_segments_received(tls.get_ref().0) - before);
+        fewest = fewest.min(segments);
     }
     assert_eq!(
         fewest, 1,
         "segments from the client's Close reply to the end of TCP"
     );
+}
+
+/// A TLS listener in front of the echo backend, for raw WebSocket tunnels over TLS.
+struct TlsEcho {
+    pki: Pki,
+    addr: std::net::SocketAddr,
+    _gateway: GatewayThread,
+    _backend: WsBackend,
+}
+
+impl TlsEcho {
+    async fn start() -> TlsEcho {
+        let pki = Pki::new();
+        pki.leaf("a", &["a.test"]);
+        pki.leaf("b", &["b.test"]);
+        let backend = WsBackend::start("b1", Behavior::Echo).await;
+        let (_, path) = tls_config(&pki, backend.addr, "");
+        let gateway = gateway_watching(&path);
+        let addr = gateway.addr("tls").unwrap();
+        TlsEcho {
+            pki,
+            addr,
+            _gateway: gateway,
+            _backend: backend,
+        }
+    }
+
+    /// A TLS connection upgraded to a WebSocket, its 101 read.
+    async fn tunnel(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        use tokio::io::AsyncWriteExt;
+        let (mut tls, _) = tls_connect(&self.pki, self.addr, "a.test").await;
+        tls.write_all(
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        tls
+    }
+}
+
+/// Sends the client's last Close, then reads to close_notify and on to the end of TCP;
+/// returns what came before close_notify and the TCP segments the client's socket
+/// received from the Close on.
+async fn last_close_over_tls(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    close: &[u8],
+) -> (Vec<u8>, u32) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let before = test_sockets::tcp_segments_received(tls.get_ref().0);
+    tls.write_all(close).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(STEP, tls.read_to_end(&mut rest))
+        .await
+        .expect("the gateway's close_notify in time")
+        .unwrap();
+    let mut after = [0u8; 64];
+    let n = tokio::time::timeout(STEP, tls.get_mut().0.read(&mut after))
+        .await
+        .expect("the gateway ended TCP in time")
+        .unwrap();
+    assert_eq!(n, 0, "nothing after close_notify but the end of TCP");
+    (
+        rest,
+        test_sockets::tcp_segments_received(tls.get_ref().0) - before,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
