@@ -100,7 +100,7 @@ impl Io for tokio_rustls::server::TlsStream<Box<dyn Io>> {
         let (io, tls) = self.get_mut();
         // Sent once: a close_notify that went with the last bytes is not sent again.
         tls.send_close_notify();
-        std::task::ready!(write_tls_last(&mut **io, tls, cx))?;
+        std::task::ready!(send_records_as_last(&mut **io, tls, cx))?;
         Pin::new(self).poll_shutdown(cx)
     }
 }
@@ -116,11 +116,11 @@ impl Io for tokio_rustls::client::TlsStream<TcpStream> {
 /// A TLS stream's last bytes: their record and TLS's close_notify after them, both
 /// written to the socket beneath as its last bytes ([`Io::poll_write_last`]), so that
 /// they leave with the FIN in one segment (tokio-rustls writes each record by itself, and
-/// each went in a segment of its own). The close_notify goes with the last bytes because the stream ends right
-/// after them, whether by a shutdown (whose close_notify rustls then sends no second
-/// time) or by the close of a finished tunnel, which without it would end TLS with a bare
-/// FIN: a truncation to a TLS client ("peer closed connection without sending TLS
-/// close_notify").
+/// each went in a segment of its own). The close_notify goes with the last bytes because
+/// the stream ends right after them, whether by a shutdown (whose close_notify rustls
+/// then sends no second time) or by the close of a finished tunnel, which without it
+/// would end TLS with a bare FIN: a truncation to a TLS client ("peer closed connection
+/// without sending TLS close_notify").
 fn write_last_tls<S: Io + ?Sized, D>(
     io: &mut S,
     tls: &mut rustls::ConnectionCommon<D>,
@@ -129,14 +129,14 @@ fn write_last_tls<S: Io + ?Sized, D>(
 ) -> Poll<io::Result<usize>> {
     // Records still waiting from earlier writes go first; until they are out, rustls may
     // have no room for these bytes.
-    std::task::ready!(write_tls_last(io, tls, cx))?;
+    std::task::ready!(send_records_as_last(io, tls, cx))?;
     let written = io::Write::write(&mut tls.writer(), buf)?;
     if written == buf.len() {
         tls.send_close_notify();
     }
     // A socket that is full now takes the rest as the ACKs come: the records wait in
     // rustls, and the shutdown's flush (or the next write) sends them.
-    match write_tls_last(io, tls, cx) {
+    match send_records_as_last(io, tls, cx) {
         Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
         _ => Poll::Ready(Ok(written)),
     }
@@ -144,7 +144,7 @@ fn write_last_tls<S: Io + ?Sized, D>(
 
 /// Writes the records rustls has ready to `io` as last bytes, until none is left or the
 /// socket is full (`Pending`, with the waker registered by `io`).
-fn write_tls_last<S: Io + ?Sized, D>(
+fn send_records_as_last<S: Io + ?Sized, D>(
     io: &mut S,
     tls: &mut rustls::ConnectionCommon<D>,
     cx: &mut TaskContext<'_>,
